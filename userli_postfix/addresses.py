@@ -1,0 +1,80 @@
+"""
+Key normalisation: the one place that decides what a lookup key means.
+
+Postfix, mail clients and users hand us addresses in many spellings.  Every
+address-keyed decision (lookups, quotas, logins) goes through
+L{normalise_address} so that one mailbox has one identity, and so that keys
+that cannot be a Userli address never reach the API.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_LOCAL_PART = re.compile(r"^[a-z0-9._-]+$")
+# A domain label: letters (any script, as Postfix may pass SMTPUTF8 domains
+# through), digits and inner hyphens.  Nothing that is URL or path syntax.
+_LABEL = re.compile(r"^(?!-)[^\W_]([^\W_]|-)*(?<!-)$|^[^\W_]$")
+_MAX_ADDRESS = 320
+_MAX_DOMAIN = 253
+
+
+def _is_invisible(char: str) -> bool:
+    """Whitespace, control and format characters (zero-width space, BOM, ...)."""
+    return char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zs", "Zl", "Zp")
+
+
+def _trim(text: str) -> str:
+    start, end = 0, len(text)
+    while start < end and _is_invisible(text[start]):
+        start += 1
+    while end > start and _is_invisible(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def normalise_domain(raw: str) -> str | None:
+    """
+    Lower-case and trim a domain name; C{None} when it cannot be one.
+
+    The Go program sends domain keys to the API unchecked; we refuse
+    anything that is not a plausible host name, which also keeps ``..``,
+    ``/``, ``?``, ``#`` and ``%`` out of the URL path.
+    """
+    domain = _trim(raw).lower()
+    if domain.endswith("."):
+        domain = domain[:-1]
+    if not domain or len(domain) > _MAX_DOMAIN:
+        return None
+    if not all(_LABEL.match(label) for label in domain.split(".")):
+        return None
+    return domain
+
+
+def normalise_address(raw: str, delimiter: str = "") -> str | None:
+    """
+    Normalise an address key the way compatibility.md says; C{None} when the
+    key cannot be a Userli address.
+
+    Lower-case; trim whitespace and invisible characters; exactly one ``@``;
+    the local part cut at the first recipient delimiter character (Postfix
+    treats every character of C{recipient_delimiter} as a delimiter); the
+    local part non-empty and made of ``a-z 0-9 . _ -`` only; the domain a
+    plausible host name.
+    """
+    address = _trim(raw).lower()
+    if len(address) > _MAX_ADDRESS or address.count("@") != 1:
+        return None
+    local, _, domain_part = address.partition("@")
+    if delimiter:
+        for index, char in enumerate(local):
+            if char in delimiter:
+                local = local[:index]
+                break
+    if not _LOCAL_PART.match(local):
+        return None
+    domain = normalise_domain(domain_part)
+    if domain is None or domain != domain_part.removesuffix("."):
+        return None
+    return f"{local}@{domain}"

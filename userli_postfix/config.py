@@ -1,0 +1,364 @@
+"""
+Configuration: one frozen value built from the environment and twistd options.
+
+The variable names, defaults and meanings are those of the Go program
+(userli-postfix-adapter), so an operator can switch without touching the
+environment.  Every error names the variable it is about, so a bad
+deployment fails at start-up with a line an operator can act on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or unusable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+
+# Postfix's socketmap client gives up on a server after 100 s, and the
+# Go program bounds every API call by 5 s; the same bounds hold here.
+API_TIMEOUT = 5.0
+READY_TIMEOUT = 2.0
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """
+    Parse a Go duration (``300s``, ``5m``, ``1h30m``, ``1.5h``, ``0``) into
+    seconds.
+
+    Go's ``time.ParseDuration`` is the reference: an optional sign, then one
+    or more number-and-unit pairs; a bare ``0`` is the only unitless value.
+
+    @raise ValueError: when C{text} is not a Go duration.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    sign = 1.0
+    if s[0] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    if not s:
+        raise ValueError(f"invalid duration {text!r}")
+    total = 0.0
+    pos = 0
+    while pos < len(s):
+        match = _DURATION_PART.match(s, pos)
+        if match is None or match.group(1) in ("", "."):
+            raise ValueError(f"invalid duration {text!r}")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return sign * total
+
+
+def _escape_endpoint(value: str) -> str:
+    """Quote the characters that endpoint descriptions treat as syntax."""
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})$")
+
+
+def listen_endpoint(variable: str, value: str) -> str:
+    """
+    Turn a listen address into a Twisted endpoint description.
+
+    The Go forms (``:10001``, ``HOST:PORT``, ``[::1]:10001``, a socket path
+    starting with ``/`` or ending in ``.sock``) are translated here, at the
+    edge, so everything else only sees endpoint descriptions.  Descriptions
+    (``tcp:...``, ``unix:...``, ``systemd:...``) pass through after a check
+    that Twisted can build them.
+
+    A Go-style socket path gets ``lockfile=1`` so a stale socket file left by
+    a crash is replaced, and mode 0666 so Postfix (which runs as another
+    user) can connect; the directory the socket lives in is what restricts
+    access, as with Postfix's own ``private/`` sockets.
+    """
+    text = value.strip()
+    if not text:
+        raise ConfigError(variable, "empty listen address")
+    prefix = text.split(":", 1)[0]
+    if ":" in text and prefix in _ENDPOINT_TYPES:
+        description = text
+    elif text.startswith("/") or text.endswith(".sock"):
+        description = f"unix:{_escape_endpoint(text)}:mode=666:lockfile=1"
+    else:
+        match = _HOST_PORT.match(text)
+        if match is None:
+            raise ConfigError(
+                variable,
+                f"{text!r} is neither HOST:PORT, :PORT, [IPv6]:PORT, a socket path "
+                "nor a Twisted endpoint description",
+            )
+        port = int(match.group("port"))
+        if port > 65535:
+            raise ConfigError(variable, f"port {port} out of range")
+        if match.group("v6") is not None:
+            iface = _escape_endpoint(match.group("v6"))
+            description = f"tcp6:{port}:interface={iface}"
+        elif match.group("host"):
+            host = match.group("host")
+            if not re.match(r"^[A-Za-z0-9.-]+$", host):
+                raise ConfigError(variable, f"invalid host {host!r}")
+            description = f"tcp:{port}:interface={host}"
+        else:
+            description = f"tcp:{port}"
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as exc:
+        if prefix == "systemd":
+            raise ConfigError(
+                variable,
+                f"{description!r}: no such socket was passed in by systemd "
+                "(LISTEN_FDS/LISTEN_FDNAMES); is the daemon started by a socket unit?",
+            ) from None
+        raise ConfigError(variable, f"invalid endpoint {description!r}: {exc}") from None
+    return description
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is, parsed from C{REDIS_URL}."""
+
+    host: str = "localhost"
+    port: int = 6379
+    path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+
+def parse_redis_url(variable: str, url: str) -> RedisTarget:
+    """
+    Parse ``redis://[user:password@]host:port/db``, ``rediss://...`` and
+    ``unix:///path?db=N`` (go-redis's forms).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(variable, f"malformed URL: {exc}") from None
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    query = dict(
+        item.split("=", 1) if "=" in item else (item, "") for item in parts.query.split("&") if item
+    )
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ConfigError(variable, "missing host")
+        db_text = parts.path.lstrip("/") or query.get("db", "0")
+        path = None
+        host = parts.hostname
+    elif parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(variable, "missing socket path")
+        db_text = query.get("db", "0")
+        path = parts.path
+        host = "localhost"
+    else:
+        raise ConfigError(variable, f"unsupported scheme {parts.scheme!r} (redis, rediss or unix)")
+    if not db_text.isdigit():
+        raise ConfigError(variable, f"invalid database number {db_text!r}")
+    return RedisTarget(
+        host=host,
+        port=port or 6379,
+        path=path,
+        db=int(db_text),
+        username=username or None,
+        password=password or None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def parse_base_url(variable: str, url: str) -> str:
+    """Check that C{url} is an absolute http(s) URL; return it without a trailing slash."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port
+    except ValueError as exc:
+        raise ConfigError(variable, f"malformed URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(variable, f"{url!r} is not an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(variable, "the URL must not have a query or fragment")
+    return url.strip().rstrip("/")
+
+
+def _non_negative_duration(variable: str, text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise ConfigError(variable, f"{text!r} is not a duration (e.g. 300s, 5m, 1h30m, 0)") from None
+    if seconds < 0:
+        raise ConfigError(variable, f"{text!r} is negative")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration variable: its name, twistd option, default and help."""
+
+    variable: str
+    option: str
+    default: str | None
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("USERLI_TOKEN", "userli-token", None, "Userli API token (required)"),
+    Setting("USERLI_BASE_URL", "userli-base-url", "http://localhost:8000", "Userli base URL"),
+    Setting(
+        "POSTFIX_RECIPIENT_DELIMITER",
+        "recipient-delimiter",
+        "",
+        "Postfix recipient_delimiter: user+tag@x is looked up as user@x",
+    ),
+    Setting("SOCKETMAP_LISTEN_ADDR", "socketmap-listen", ":10001", "socketmap listen address"),
+    Setting("POLICY_LISTEN_ADDR", "policy-listen", ":10003", "policy service listen address"),
+    Setting(
+        "METRICS_LISTEN_ADDR", "metrics-listen", ":10002", "/metrics, /health and /ready listen address"
+    ),
+    Setting("SASL_LISTEN_ADDR", "sasl-listen", "", "Dovecot-auth listen address (empty: off)"),
+    Setting(
+        "RATE_LIMIT_MESSAGE",
+        "rate-limit-message",
+        "Rate limit exceeded, please try again later",
+        "text after REJECT when a sender is over quota",
+    ),
+    Setting("REDIS_URL", "redis-url", "", "redis://[user:password@]host:port/db (empty: in memory)"),
+    Setting("LOOKUP_CACHE_TTL", "lookup-cache-ttl", "300s", "lifetime of cached OK answers (0: off)"),
+    Setting(
+        "QUOTA_CACHE_TTL",
+        "quota-cache-ttl",
+        "30s",
+        "how long a sender's quota from the API is reused (0: ask every time)",
+    ),
+    Setting(
+        "SASL_FAILURE_DELAY",
+        "sasl-failure-delay",
+        "2s",
+        "delay before a failed login is answered (0: off)",
+    ),
+    Setting("LOG_LEVEL", "log-level", "info", "debug, info, warn or error"),
+    Setting("LOG_FORMAT", "log-format", "text", "text or json (one object per line)"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's whole configuration, checked."""
+
+    userli_token: str = field(repr=False)
+    userli_base_url: str = "http://localhost:8000"
+    recipient_delimiter: str = ""
+    socketmap_listen: str = "tcp:10001"
+    policy_listen: str = "tcp:10003"
+    metrics_listen: str = "tcp:10002"
+    sasl_listen: str | None = None
+    rate_limit_message: str = "Rate limit exceeded, please try again later"
+    redis: RedisTarget | None = None
+    lookup_cache_ttl: float = 300.0
+    quota_cache_ttl: float = 30.0
+    sasl_failure_delay: float = 2.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @classmethod
+    def from_sources(
+        cls, environ: Mapping[str, str], options: Mapping[str, str | None] | None = None
+    ) -> Config:
+        """
+        Build the configuration from the environment, with twistd options
+        (keyed by option name) taking precedence.
+
+        @raise ConfigError: naming the first variable that is wrong.
+        """
+        options = options or {}
+        raw: dict[str, str | None] = {}
+        for setting in SETTINGS:
+            value = options.get(setting.option)
+            if value is None:
+                value = environ.get(setting.variable)
+            if value is None:
+                value = setting.default
+            raw[setting.variable] = value
+        return cls.from_values(raw)
+
+    @classmethod
+    def from_values(cls, raw: Mapping[str, str | None]) -> Config:
+        """Check raw values keyed by variable name; see L{from_sources}."""
+
+        def get(name: str) -> str:
+            return raw.get(name) or ""
+
+        token = get("USERLI_TOKEN").strip()
+        if not token:
+            raise ConfigError("USERLI_TOKEN", "required, but not set")
+
+        level = get("LOG_LEVEL").strip().lower() or "info"
+        if level == "warning":
+            level = "warn"
+        if level not in LOG_LEVELS:
+            raise ConfigError("LOG_LEVEL", f"{get('LOG_LEVEL')!r} is not one of {', '.join(LOG_LEVELS)}")
+        log_format = get("LOG_FORMAT").strip().lower() or "text"
+        if log_format not in LOG_FORMATS:
+            raise ConfigError("LOG_FORMAT", f"{get('LOG_FORMAT')!r} is not one of text, json")
+
+        delimiter = get("POSTFIX_RECIPIENT_DELIMITER")
+        if delimiter and ("@" in delimiter or any(c.isspace() for c in delimiter)):
+            raise ConfigError("POSTFIX_RECIPIENT_DELIMITER", f"{delimiter!r} cannot be a delimiter")
+
+        sasl_addr = get("SASL_LISTEN_ADDR").strip()
+        redis_url = get("REDIS_URL").strip()
+        message = " ".join(get("RATE_LIMIT_MESSAGE").split())
+
+        return cls(
+            userli_token=token,
+            userli_base_url=parse_base_url("USERLI_BASE_URL", get("USERLI_BASE_URL")),
+            recipient_delimiter=delimiter,
+            socketmap_listen=listen_endpoint("SOCKETMAP_LISTEN_ADDR", get("SOCKETMAP_LISTEN_ADDR")),
+            policy_listen=listen_endpoint("POLICY_LISTEN_ADDR", get("POLICY_LISTEN_ADDR")),
+            metrics_listen=listen_endpoint("METRICS_LISTEN_ADDR", get("METRICS_LISTEN_ADDR")),
+            sasl_listen=listen_endpoint("SASL_LISTEN_ADDR", sasl_addr) if sasl_addr else None,
+            rate_limit_message=message or "Rate limit exceeded, please try again later",
+            redis=parse_redis_url("REDIS_URL", redis_url) if redis_url else None,
+            lookup_cache_ttl=_non_negative_duration("LOOKUP_CACHE_TTL", get("LOOKUP_CACHE_TTL")),
+            quota_cache_ttl=_non_negative_duration("QUOTA_CACHE_TTL", get("QUOTA_CACHE_TTL")),
+            sasl_failure_delay=_non_negative_duration(
+                "SASL_FAILURE_DELAY", get("SASL_FAILURE_DELAY")
+            ),
+            log_level=level,
+            log_format=log_format,
+        )
+

@@ -1,0 +1,235 @@
+"""
+What every listener shares: a connection limit, in-order replies, an idle
+timeout, and a graceful drain at shutdown.
+
+Socketmap, policy and SASL protocols differ only in framing and in the
+decision they ask for; the connection discipline lives here, once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from prometheus_client import Counter, Gauge
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+MAX_CONNECTIONS = 500
+
+# A client that pipelines more requests than this without reading replies is
+# paused until the replies drain; Postfix sends one request at a time.
+MAX_PIPELINED = 64
+
+log = Logger()
+
+
+class ReplyQueue:
+    """
+    Replies of one connection, written in request order however the
+    answers complete.
+
+    Each request reserves a slot; a slot is written once it and every slot
+    before it have an answer.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], on_change: Callable[[], None]) -> None:
+        self._write = write
+        self._on_change = on_change
+        self._slots: deque[list[bytes | None]] = deque()
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def add(self, reply: defer.Deferred[bytes] | bytes) -> None:
+        """
+        Queue C{reply}; a Deferred must not fail (protocols turn failures
+        into their own safe answer before handing it here).
+        """
+        if isinstance(reply, bytes):
+            if not self._slots:
+                # The common case of a cached answer: nothing to wait for.
+                if not self.closed:
+                    self._write(reply)
+                return
+            self._slots.append([reply])
+            self._on_change()
+            return
+        slot: list[bytes | None] = [None]
+        self._slots.append(slot)
+        self._on_change()
+
+        def fill(data: bytes) -> None:
+            slot[0] = data
+            self._flush()
+
+        reply.addCallback(fill)
+        reply.addErrback(self._unexpected)
+
+    def _unexpected(self, failure: Failure) -> None:
+        log.failure("Reply could not be produced", failure)
+
+    def _flush(self) -> None:
+        written = False
+        while self._slots and self._slots[0][0] is not None:
+            data = self._slots.popleft()[0]
+            written = True
+            if not self.closed:
+                assert data is not None
+                self._write(data)
+        if written:
+            self._on_change()
+
+
+class ServingMixin(TimeoutMixin):
+    """
+    Mixed into each listener's protocol, before its framing base class.
+
+    Subclasses call L{reply} with the answer (or a Deferred of it) to each
+    request; the mixin keeps replies in order, applies back-pressure,
+    restarts the idle timer when the connection has nothing outstanding, and
+    tells the factory about the connection's life.
+    """
+
+    factory: LimitedFactory
+    transport: object
+
+    def idleTimeout(self) -> float | None:
+        """Seconds a connection may wait for a request while nothing is outstanding."""
+        return self.factory.idle_timeout
+
+    def connectionMade(self) -> None:
+        self.callLater = self.factory.clock.callLater
+        self.replies = ReplyQueue(self._writeReply, self._repliesChanged)
+        self._paused = False
+        self.factory.connectionOpened(self)
+        self.setTimeout(self.idleTimeout())
+        super().connectionMade()  # type: ignore[misc]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.replies.closed = True
+        self.setTimeout(None)
+        self.factory.connectionClosed(self)
+        super().connectionLost(reason)  # type: ignore[misc]
+
+    def _writeReply(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def reply(self, answer: defer.Deferred[bytes] | bytes) -> None:
+        """Queue the answer to the request just parsed."""
+        self.replies.add(answer)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests received and not yet answered on this connection."""
+        return len(self.replies)
+
+    def _repliesChanged(self) -> None:
+        pending = len(self.replies)
+        if pending:
+            self.setTimeout(None)
+            if pending >= MAX_PIPELINED and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+        else:
+            self.setTimeout(self.idleTimeout())
+            if self.factory.draining:
+                self.transport.loseConnection()  # type: ignore[attr-defined]
+        if self._paused and pending < MAX_PIPELINED // 2 and not self.replies.closed:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def timeoutConnection(self) -> None:
+        log.debug("Closing idle connection")
+        self.transport.loseConnection()  # type: ignore[attr-defined]
+
+
+class LimitedFactory(Factory):
+    """
+    A factory that refuses connections beyond a limit, keeps the gauges of
+    open connections, and drains its connections at shutdown.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float,
+        active: Gauge | None = None,
+        usage: Gauge | None = None,
+        refused: Counter | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections: set[ServingMixin] = set()
+        self.draining = False
+        self._active = active
+        self._usage = usage
+        self._refused = refused
+        self._allClosed: list[defer.Deferred[None]] = []
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        if self.draining or len(self.connections) >= self.max_connections:
+            # Returning None makes Twisted close the new connection at once.
+            if self._refused is not None:
+                self._refused.inc()
+            log.warn(
+                "Connection refused: {count} connections open (limit {limit})",
+                count=len(self.connections),
+                limit=self.max_connections,
+            )
+            return None
+        return super().buildProtocol(addr)
+
+    def connectionOpened(self, protocol: ServingMixin) -> None:
+        self.connections.add(protocol)
+        self._updateGauges()
+
+    def connectionClosed(self, protocol: ServingMixin) -> None:
+        self.connections.discard(protocol)
+        self._updateGauges()
+        if not self.connections:
+            waiting, self._allClosed = self._allClosed, []
+            for d in waiting:
+                d.callback(None)
+
+    def _updateGauges(self) -> None:
+        if self._active is not None:
+            self._active.set(len(self.connections))
+        if self._usage is not None:
+            self._usage.set(len(self.connections))
+
+    def drain(self, grace: float) -> defer.Deferred[None]:
+        """
+        Stop serving: close idle connections now, the others as soon as
+        their outstanding replies are written, and abort whatever is left
+        after C{grace} seconds.  Fires when every connection is gone.
+        """
+        self.draining = True
+        if not self.connections:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._allClosed.append(done)
+        for protocol in list(self.connections):
+            if not protocol.outstanding:
+                protocol.transport.loseConnection()  # type: ignore[attr-defined]
+
+        def abortRest() -> None:
+            for protocol in list(self.connections):
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+        timer = self.clock.callLater(grace, abortRest)
+
+        def cancelTimer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addBoth(cancelTimer)
+        return done

@@ -1,0 +1,153 @@
+"""
+Every metric the daemon exports, in one registry.
+
+Names, types, labels and buckets are those of the Go program, so dashboards
+and alerts keep working after a switch.  No label ever carries an address or
+other personal data: labels are map names, endpoint names, HTTP status codes
+and fixed outcome words.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+PREFIX = "userli_postfix_adapter"
+
+# The Go program exposes no *_created series; neither do we.
+disable_created_metrics()
+
+_FAST_BUCKETS = tuple(0.001 * 2**i for i in range(10))
+_HTTP_BUCKETS = tuple(0.010 * 2**i for i in range(10))
+
+
+class Metrics:
+    """
+    The daemon's metrics, registered on their own registry.
+
+    One instance per process; tests make their own so they can read values
+    without interference.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+        # socketmap
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Duration of socketmap requests.",
+            ["handler", "status"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Socketmap requests by map and outcome.",
+            ["handler", "status"],
+            registry=r,
+        )
+        self.active_connections = Gauge(
+            f"{PREFIX}_active_connections", "Open socketmap connections.", registry=r
+        )
+        self.connection_pool_usage = Gauge(
+            f"{PREFIX}_connection_pool_usage",
+            "Socketmap connections in use out of the 500 allowed.",
+            registry=r,
+        )
+        self.lookup_cache = Counter(
+            f"{PREFIX}_lookup_cache",
+            "Lookup cache outcomes.",
+            ["handler", "result"],
+            registry=r,
+        )
+
+        # Userli API client
+        self.http_client_duration = Histogram(
+            f"{PREFIX}_http_client_duration_seconds",
+            "Duration of Userli API calls.",
+            ["endpoint", "status_code"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.http_client_requests = Counter(
+            f"{PREFIX}_http_client_requests",
+            "Userli API calls by endpoint and HTTP status.",
+            ["endpoint", "status_code"],
+            registry=r,
+        )
+        self.health_check_status = Gauge(
+            f"{PREFIX}_health_check_status",
+            "1 when the last readiness check reached the Userli API, else 0.",
+            registry=r,
+        )
+
+        # policy
+        self.policy_active_connections = Gauge(
+            f"{PREFIX}_policy_active_connections", "Open policy connections.", registry=r
+        )
+        self.policy_requests = Counter(
+            f"{PREFIX}_policy_requests",
+            "Policy requests by stage and action.",
+            ["stage", "action"],
+            registry=r,
+        )
+        self.policy_request_duration = Histogram(
+            f"{PREFIX}_policy_request_duration_seconds",
+            "Duration of policy requests.",
+            ["stage", "action"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.quota_exceeded = Counter(
+            f"{PREFIX}_quota_exceeded", "Messages rejected for an exceeded quota.", registry=r
+        )
+        self.quota_checks = Counter(
+            f"{PREFIX}_quota_checks", "Quota checks by result.", ["result"], registry=r
+        )
+        self.policy_connection_pool_full = Counter(
+            f"{PREFIX}_policy_connection_pool_full",
+            "Policy connections refused because 500 were open.",
+            registry=r,
+        )
+        self.ratelimit_backend_errors = Counter(
+            f"{PREFIX}_ratelimit_backend_errors",
+            "Rate-limit backend (Redis) failures.",
+            ["operation"],
+            registry=r,
+        )
+
+        # SASL
+        self.sasl_active_connections = Gauge(
+            f"{PREFIX}_sasl_active_connections", "Open SASL connections.", registry=r
+        )
+        self.sasl_auth = Counter(
+            f"{PREFIX}_sasl_auth",
+            "SASL authentications by mechanism and result.",
+            ["mechanism", "result"],
+            registry=r,
+        )
+        self.sasl_auth_duration = Histogram(
+            f"{PREFIX}_sasl_auth_duration_seconds",
+            "Duration of SASL authentications.",
+            ["mechanism", "result"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.sasl_connection_pool_full = Counter(
+            f"{PREFIX}_sasl_connection_pool_full",
+            "SASL connections refused because 500 were open.",
+            registry=r,
+        )

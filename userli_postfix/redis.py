@@ -1,0 +1,149 @@
+"""
+A Redis connection from C{REDIS_URL}, every command bounded by a deadline.
+
+txredisapi queues commands while it reconnects and waits for replies
+forever unless told otherwise.  The cache and the rate limiter must answer
+within a fraction of Postfix's patience whatever Redis does, so here a
+command either gets its reply within the deadline or fails: at once when no
+connection is up, with L{RedisUnavailable} after the deadline otherwise.
+txredisapi keeps reconnecting in the background, so service resumes by
+itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from userli_postfix.config import RedisTarget
+
+log = Logger()
+
+# A healthy Redis answers in well under a millisecond on a LAN.
+COMMAND_TIMEOUT = 0.5
+CONNECT_TIMEOUT = 2.0
+POOL_SIZE = 4
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer: not connected, timed out, or the connection broke."""
+
+
+def _withDeadline(inner: defer.Deferred[Any], seconds: float, clock: IReactorTime) -> defer.Deferred[Any]:
+    """
+    Fire with C{inner}'s result, or fail after C{seconds}.
+
+    C{inner} itself is never cancelled: txredisapi matches replies to
+    commands by position, and cancelling a waiting command would hand the
+    next command this one's reply.
+    """
+    outer: defer.Deferred[Any] = defer.Deferred()
+
+    def expire() -> None:
+        if not outer.called:
+            outer.errback(RedisUnavailable(f"no reply within {seconds:g} s"))
+
+    timer = clock.callLater(seconds, expire)
+
+    def done(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not outer.called:
+            outer.callback(result)
+        elif isinstance(result, Failure):
+            # Already timed out: the late failure is expected and handled.
+            pass
+
+    inner.addBoth(done)
+    return outer
+
+
+class RedisClient:
+    """
+    The daemon's Redis connection pool.
+
+    @ivar commandTimeout: seconds a command may take before it fails.
+    """
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        clock: IReactorTime,
+        commandTimeout: float = COMMAND_TIMEOUT,
+        connection: Any = None,
+    ) -> None:
+        self.target = target
+        self.clock = clock
+        self.commandTimeout = commandTimeout
+        self._connection = connection
+
+    def __repr__(self) -> str:
+        where = self.target.path or f"{self.target.host}:{self.target.port}"
+        return f"<RedisClient {where} db={self.target.db}>"
+
+    def start(self) -> None:
+        """Start connecting (in the background; commands fail fast until connected)."""
+        if self._connection is not None:
+            return
+        t = self.target
+        common = dict(
+            dbid=t.db,
+            poolsize=POOL_SIZE,
+            reconnect=True,
+            password=t.password,
+            username=t.username,
+            connectTimeout=CONNECT_TIMEOUT,
+            # Lets txredisapi drop a connection that stopped answering, so
+            # the reconnect logic replaces it.
+            replyTimeout=max(2.0, self.commandTimeout * 4),
+            convertNumbers=True,
+        )
+        if t.path is not None:
+            self._connection = txredisapi.lazyUnixConnectionPool(t.path, **common)
+        else:
+            self._connection = txredisapi.lazyConnectionPool(
+                t.host, t.port, ssl_context_factory=t.tls, **common
+            )
+        log.info("Using Redis at {redis}", redis=self)
+
+    @property
+    def connected(self) -> bool:
+        """Whether at least one connection of the pool is up."""
+        factory = getattr(self._connection, "_factory", None)
+        if factory is None:
+            return self._connection is not None
+        return bool(factory.size)
+
+    def execute(self, command: str, *args: Any) -> defer.Deferred[Any]:
+        """
+        Run one command; fails with L{RedisUnavailable} when Redis cannot
+        answer within the deadline, or with txredisapi's C{ResponseError}
+        when Redis answers with an error.
+        """
+        if self._connection is None or not self.connected:
+            return defer.fail(RedisUnavailable("not connected"))
+        try:
+            inner = self._connection.execute_command(command, *args)
+        except Exception as exc:
+            return defer.fail(RedisUnavailable(str(exc)))
+
+        def translate(failure: Failure) -> Failure:
+            if failure.check(txredisapi.ResponseError):
+                return failure
+            return Failure(RedisUnavailable(f"{type(failure.value).__name__}: {failure.value}"))
+
+        return _withDeadline(inner, self.commandTimeout, self.clock).addErrback(translate)
+
+    def stop(self) -> defer.Deferred[None]:
+        """Close every connection and stop reconnecting."""
+        if self._connection is None:
+            return defer.succeed(None)
+        connection, self._connection = self._connection, None
+        d: defer.Deferred[None] = defer.maybeDeferred(connection.disconnect)
+        d.addErrback(lambda f: None)
+        return d

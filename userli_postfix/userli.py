@@ -1,0 +1,287 @@
+"""
+The Userli API client: the one place that knows the API.
+
+Every call has one deadline that covers connecting, the headers and the
+body; the HTTP status is checked and the JSON shape validated before
+anything becomes data.  Whatever is not a documented answer raises
+L{UserliError}, which callers turn into their fail-open or fail-closed
+answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+from urllib.parse import quote
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from userli_postfix import __version__
+from userli_postfix.config import API_TIMEOUT
+from userli_postfix.metrics import Metrics
+
+log = Logger()
+
+T = TypeVar("T")
+
+# Userli's answers are a few hundred bytes; anything far larger is a broken
+# deployment, not data, and must not be buffered without bound.
+MAX_BODY = 1024 * 1024
+
+
+class UserliError(Exception):
+    """The API gave no usable answer (timeout, refused, bad status or body)."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A sender's limits; 0 means unlimited."""
+
+    per_hour: int
+    per_day: int
+
+    @property
+    def unlimited(self) -> bool:
+        return self.per_hour == 0 and self.per_day == 0
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """The API's verdict on a login: C{ok}, or refused with its C{message}."""
+
+    ok: bool
+    message: str = ""
+
+
+class _BodyReader(Protocol):
+    """Collects a response body up to L{MAX_BODY}; aborts beyond it."""
+
+    def __init__(self, finished: defer.Deferred[bytes]) -> None:
+        self.finished = finished
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return
+        self.size += len(data)
+        if self.size > MAX_BODY:
+            self.finished.errback(UserliError("response body too large"))
+            self.abort()
+            return
+        self.parts.append(data)
+
+    def abort(self) -> None:
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self.parts))
+        else:
+            self.finished.errback(UserliError(f"response body lost: {reason.value}"))
+
+
+def _readBody(response: IResponse) -> defer.Deferred[bytes]:
+    reader: _BodyReader
+
+    def cancel(d: defer.Deferred[bytes]) -> None:
+        reader.abort()
+
+    finished: defer.Deferred[bytes] = defer.Deferred(cancel)
+    reader = _BodyReader(finished)
+    response.deliverBody(reader)
+    return finished
+
+
+def _address_list(value: Any) -> list[str]:
+    """A JSON list of address strings that a socketmap reply can carry."""
+    if not isinstance(value, list):
+        raise UserliError(f"expected a list, got {type(value).__name__}")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise UserliError("list element is not a non-empty string")
+        if "," in item or any(ord(c) < 33 or ord(c) == 127 for c in item):
+            raise UserliError("list element contains a separator or control character")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserliError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _quota(value: Any) -> Quota:
+    if not isinstance(value, dict):
+        raise UserliError("quota is not a JSON object")
+    limits = []
+    for name in ("per_hour", "per_day"):
+        limit = value.get(name)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise UserliError(f"quota field {name} is not a non-negative integer")
+        limits.append(limit)
+    return Quota(per_hour=limits[0], per_day=limits[1])
+
+
+class UserliClient:
+    """
+    One method per endpoint of ``/api/postfix``.
+
+    @param request: C{treq.client.HTTPClient.request}-compatible callable
+        (a real client over a persistent pool, or C{StubTreq} in tests).
+    """
+
+    def __init__(
+        self,
+        request: Callable[..., defer.Deferred[IResponse]],
+        base_url: str,
+        token: str,
+        clock: IReactorTime,
+        metrics: Metrics,
+        timeout: float = API_TIMEOUT,
+    ) -> None:
+        self._request = request
+        self._prefix = base_url.rstrip("/") + "/api/postfix/"
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = timeout
+        common = {
+            b"Authorization": [b"Bearer " + token.encode("utf-8")],
+            b"Accept": [b"application/json"],
+            b"User-Agent": [f"userli-postfix/{__version__}".encode()],
+        }
+        self._getHeaders = Headers(common)
+        self._postHeaders = Headers({**common, b"Content-Type": [b"application/json"]})
+
+    def __repr__(self) -> str:
+        # The token must never reach a log line, even through a repr.
+        return f"<UserliClient {self._prefix}>"
+
+    def _url(self, endpoint: str, key: str | None = None) -> str:
+        if key is None:
+            return self._prefix + endpoint
+        # One path segment: '/', '?', '#', '%' and everything else that is
+        # not unreserved is percent-encoded, so no key reaches another route.
+        return self._prefix + endpoint + "/" + quote(key, safe="@")
+
+    def _call(
+        self,
+        endpoint: str,
+        method: str,
+        url: str,
+        parse: Callable[[int, Any], T],
+        body: bytes | None = None,
+        timeout: float | None = None,
+    ) -> defer.Deferred[T]:
+        started = self._clock.seconds()
+        status_label = ["error"]
+
+        def gotResponse(response: IResponse) -> defer.Deferred[tuple[int, bytes]]:
+            status_label[0] = str(response.code)
+            return _readBody(response).addCallback(lambda data: (response.code, data))
+
+        def decode(answer: tuple[int, bytes]) -> T:
+            code, data = answer
+            try:
+                value = json.loads(data)
+            except ValueError:
+                raise UserliError(f"HTTP {code} with a body that is not JSON") from None
+            return parse(code, value)
+
+        def observe(result: T | Failure) -> T | Failure:
+            code = status_label[0]
+            elapsed = self._clock.seconds() - started
+            self._metrics.http_client_requests.labels(endpoint, code).inc()
+            self._metrics.http_client_duration.labels(endpoint, code).observe(elapsed)
+            if isinstance(result, Failure):
+                if result.check(defer.TimeoutError, defer.CancelledError):
+                    return Failure(UserliError(f"no answer within {self._timeout:g} s"))
+                if not result.check(UserliError):
+                    return Failure(UserliError(f"{type(result.value).__name__}: {result.value}"))
+            return result
+
+        headers = self._postHeaders if body is not None else self._getHeaders
+        d: defer.Deferred[T] = self._request(
+            method, url, headers=headers, data=body, allow_redirects=False
+        )
+        d.addCallback(gotResponse)
+        d.addCallback(decode)
+        d.addTimeout(self._timeout if timeout is None else timeout, self._clock)
+        d.addBoth(observe)
+        return d
+
+    def _get(
+        self, endpoint: str, key: str, parse: Callable[[Any], T], timeout: float | None = None
+    ) -> defer.Deferred[T]:
+        def ok_only(code: int, value: Any) -> T:
+            if code != 200:
+                raise UserliError(f"HTTP {code}")
+            return parse(value)
+
+        return self._call(endpoint, "GET", self._url(endpoint, key), ok_only, timeout=timeout)
+
+    def alias(self, address: str) -> defer.Deferred[list[str]]:
+        """Destinations of the alias C{address}; C{[]} when it is none."""
+        return self._get("alias", address, _address_list)
+
+    def senders(self, address: str) -> defer.Deferred[list[str]]:
+        """Logins allowed to send as C{address}; C{[]} when none."""
+        return self._get("senders", address, _address_list)
+
+    def domain(self, name: str, timeout: float | None = None) -> defer.Deferred[bool]:
+        """Whether C{name} is a Userli domain."""
+        return self._get("domain", name, _boolean, timeout=timeout)
+
+    def mailbox(self, address: str) -> defer.Deferred[bool]:
+        """Whether C{address} is a mailbox."""
+        return self._get("mailbox", address, _boolean)
+
+    def smtp_quota(self, address: str) -> defer.Deferred[Quota | None]:
+        """The sending quota of C{address}; C{None} when Userli does not know it (404)."""
+
+        def parse(code: int, value: Any) -> Quota | None:
+            if code == 404 and isinstance(value, dict) and "error" in value:
+                return None
+            if code != 200:
+                raise UserliError(f"HTTP {code}")
+            return _quota(value)
+
+        return self._call("smtp_quota", "GET", self._url("smtp_quota", address), parse)
+
+    def auth(self, email: str, password: str) -> defer.Deferred[AuthResult]:
+        """
+        Check a login.  C{AuthResult(ok=True)} only for a 200 whose body is
+        C{{"message": "success"}}; a documented refusal (401/403 with a
+        C{message}) is C{AuthResult(ok=False, message=...)}; anything else,
+        a bad API token included, raises L{UserliError} (fail closed).
+        """
+
+        def parse(code: int, value: Any) -> AuthResult:
+            message = value.get("message") if isinstance(value, dict) else None
+            if code == 200:
+                if message == "success":
+                    return AuthResult(ok=True)
+                raise UserliError("HTTP 200 without the success message")
+            if code in (401, 403) and isinstance(message, str):
+                return AuthResult(ok=False, message=message)
+            if code == 401:
+                log.error("The Userli API refused our token (HTTP 401); check USERLI_TOKEN")
+            raise UserliError(f"HTTP {code}")
+
+        body = json.dumps({"email": email, "password": password}).encode("utf-8")
+        return self._call("auth", "POST", self._url("auth"), parse, body=body)
