@@ -1,0 +1,163 @@
+"""
+Answers to socketmap requests: a (map, key) in, a reply text out.
+
+The decision lives here, apart from the netstring framing: which maps
+exist, how keys are normalised, when the cache is asked, and how API
+answers become ``OK``/``NOTFOUND``/``TEMP``/``PERM``.  Identical lookups in
+flight at the same moment share one API call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from userli_postfix.addresses import normalise_address, normalise_domain
+from userli_postfix.cache import LookupCache
+from userli_postfix.metrics import Metrics
+from userli_postfix.userli import UserliClient
+
+log = Logger()
+
+# Postfix refuses socketmap replies longer than this.
+MAX_REPLY = 100_000
+
+NOTFOUND = b"NOTFOUND "
+
+
+def _ok_list(value: list[str]) -> bytes:
+    return b"OK " + ",".join(value).encode("utf-8") if value else NOTFOUND
+
+
+def _ok_flag(value: bool) -> bytes:
+    return b"OK 1" if value else NOTFOUND
+
+
+class Lookups:
+    """
+    Answers socketmap lookups from the cache and the Userli API.
+
+    @param cache: where OK answers are kept, or C{None} to cache nothing.
+    """
+
+    def __init__(
+        self,
+        client: UserliClient,
+        cache: LookupCache | None,
+        metrics: Metrics,
+        clock: IReactorTime,
+        delimiter: str = "",
+    ) -> None:
+        self._client = client
+        self._cache = cache
+        self._metrics = metrics
+        self._clock = clock
+        self._delimiter = delimiter
+        self._inflight: dict[tuple[str, str], list[defer.Deferred[bytes]]] = {}
+        # map name -> (key normaliser, API call, reply formatter)
+        self._maps: dict[str, tuple[Callable[[str], str | None], Callable[[str], Any], Callable[[Any], bytes]]] = {
+            "alias": (self._address, client.alias, _ok_list),
+            "domain": (normalise_domain, client.domain, _ok_flag),
+            "mailbox": (self._address, client.mailbox, _ok_flag),
+            "senders": (self._address, client.senders, _ok_list),
+        }
+
+    def _address(self, key: str) -> str | None:
+        return normalise_address(key, self._delimiter)
+
+    def answer(self, request: bytes) -> defer.Deferred[bytes] | bytes:
+        """
+        The reply to one socketmap request (``<map> <key>``), without the
+        netstring framing.  Never fails: every problem is a reply.
+        """
+        started = self._clock.seconds()
+        mapname_raw, space, raw_key = request.partition(b" ")
+        mapname = mapname_raw.decode("ascii", "replace")
+        handler = mapname if mapname in self._maps else "invalid"
+        if handler == "invalid":
+            return self._done(handler, started, b"PERM unknown map")
+        if not space or not raw_key.strip():
+            return self._done(handler, started, b"PERM request without a key")
+        try:
+            key = raw_key.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._done(handler, started, NOTFOUND)
+        normalise, call, render = self._maps[mapname]
+        normalised = normalise(key)
+        if normalised is None:
+            return self._done(handler, started, NOTFOUND)
+        if self._cache is None:
+            return self._fetch(mapname, key, normalised, call, render, started)
+
+        d = self._cache.get(mapname, key)
+
+        def cached(reply: bytes | None) -> defer.Deferred[bytes] | bytes:
+            if reply is not None:
+                self._metrics.lookup_cache.labels(mapname, "hit").inc()
+                return self._done(mapname, started, reply)
+            self._metrics.lookup_cache.labels(mapname, "miss").inc()
+            return self._fetch(mapname, key, normalised, call, render, started)
+
+        def unavailable(failure: Failure) -> defer.Deferred[bytes] | bytes:
+            self._metrics.lookup_cache.labels(mapname, "error").inc()
+            log.debug("Lookup cache unavailable: {error}", error=failure.value)
+            return self._fetch(mapname, key, normalised, call, render, started)
+
+        d.addCallbacks(cached, unavailable)
+        return d
+
+    def _fetch(
+        self,
+        mapname: str,
+        key: str,
+        normalised: str,
+        call: Callable[[str], Any],
+        render: Callable[[Any], bytes],
+        started: float,
+    ) -> defer.Deferred[bytes]:
+        waiter: defer.Deferred[bytes] = defer.Deferred()
+        item = (mapname, normalised)
+        waiters = self._inflight.get(item)
+        if waiters is None:
+            self._inflight[item] = [waiter]
+            d: defer.Deferred[Any] = call(normalised)
+            d.addCallback(render)
+            d.addErrback(self._temporary, mapname)
+            d.addCallback(self._release, item)
+        else:
+            waiters.append(waiter)
+
+        def finish(reply: bytes) -> bytes:
+            if reply.startswith(b"OK ") and self._cache is not None:
+                self._cache.set(mapname, key, reply)
+            return self._done(mapname, started, reply)
+
+        return waiter.addCallback(finish)
+
+    def _temporary(self, failure: Failure, mapname: str) -> bytes:
+        log.warn("Userli {map} lookup failed: {error}", map=mapname, error=failure.value)
+        return b"TEMP Userli API unavailable"
+
+    def _release(self, reply: bytes, item: tuple[str, str]) -> None:
+        if len(reply) > MAX_REPLY:
+            log.error("Userli {map} answer too long for Postfix", map=item[0])
+            reply = b"TEMP answer too long for Postfix"
+        for waiter in self._inflight.pop(item):
+            waiter.callback(reply)
+
+    def _done(self, handler: str, started: float, reply: bytes) -> bytes:
+        if reply.startswith(b"OK"):
+            status = "success"
+        elif reply.startswith(b"NOTFOUND"):
+            status = "notfound"
+        else:
+            status = "error"
+        self._metrics.requests.labels(handler, status).inc()
+        self._metrics.request_duration.labels(handler, status).observe(
+            self._clock.seconds() - started
+        )
+        return reply

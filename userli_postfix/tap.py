@@ -1,0 +1,198 @@
+"""
+twistd wiring: command-line options over environment variables, and
+L{makeService}, which builds the backends once and one listener per
+configured address.
+
+Backends are chosen here and nowhere else: Redis or memory for the lookup
+cache and the rate-limit windows, depending on C{REDIS_URL}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+from twisted.python.components import Componentized
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
+
+from userli_postfix import __version__
+from userli_postfix.cache import LookupCache, MemoryCache, RedisCache
+from userli_postfix.config import SETTINGS, Config, ConfigError
+from userli_postfix.listeners import LimitedFactory
+from userli_postfix.logs import makeObserver
+from userli_postfix.lookups import Lookups
+from userli_postfix.metrics import Metrics
+from userli_postfix.redis import RedisClient
+from userli_postfix.socketmap import SocketmapFactory
+from userli_postfix.userli import UserliClient
+from userli_postfix.web import Web, makeSite
+
+log = Logger()
+
+# How long in-flight requests may take to finish at shutdown before their
+# connections are cut (Postfix retries on a new connection).
+SHUTDOWN_GRACE = 5.0
+
+# Idle keep-alive connections kept to Userli; new ones are opened as needed
+# beyond that, so hundreds of concurrent lookups are never queued.
+HTTP_POOL_IDLE_PER_HOST = 256
+
+
+class Options(usage.Options):
+    """
+    Every setting is an environment variable (the Go program's names) and a
+    twistd option; an option wins over the environment.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serves Postfix socketmap lookups, sending quotas (policy service) and SMTP "
+        "logins (Dovecot auth protocol) from the Userli API. Every option can also be "
+        "given as the environment variable shown in brackets."
+    )
+    optParameters = [
+        [s.option, None, None, f"{s.help} [env {s.variable}; default: {s.default or 'none'}]"]
+        for s in SETTINGS
+    ]
+
+    def postOptions(self) -> None:
+        self.config = Config.from_sources(
+            os.environ, {s.option: self[s.option] for s in SETTINGS}
+        )
+
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        Parse and check everything before twistd starts the reactor; a bad
+        setting ends the process with one line naming the variable.
+        """
+        try:
+            super().parseOptions(options)
+        except ConfigError as error:
+            sys.stderr.write(f"userli-postfix: configuration error: {error}\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"userli-postfix {__version__}")
+        raise SystemExit(0)
+
+
+class DaemonService(MultiService):
+    """
+    The whole daemon.  Starting it connects the backends and opens the
+    listeners; stopping it stops accepting, lets in-flight requests finish
+    (bounded), then closes the HTTP pool and Redis.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        observer: ILogObserver | None,
+        pool: HTTPConnectionPool,
+        redis: RedisClient | None,
+    ) -> None:
+        super().__init__()
+        self._clock = clock
+        self._observer = observer
+        self._pool = pool
+        self._redis = redis
+        self._factories: list[LimitedFactory] = []
+        self._descriptions: dict[str, str] = {}
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd picks up a log observer set on the application before it
+        # starts logging; that is how LOG_LEVEL and LOG_FORMAT reach it.
+        if self._observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)
+
+    def addListener(self, name: str, description: str, factory: Any) -> None:
+        """Listen on C{description}; a failure to listen stops start-up."""
+        service = StreamServerEndpointService(
+            serverFromString(self._clock, description), factory
+        )
+        # Without this a port already in use is only logged and the daemon
+        # runs without that listener.
+        service._raiseSynchronously = True
+        service.setName(name)
+        service.setServiceParent(self)
+        self._descriptions[name] = description
+        if isinstance(factory, LimitedFactory):
+            self._factories.append(factory)
+
+    def startService(self) -> None:
+        if self._redis is not None:
+            self._redis.start()
+        super().startService()
+        for name, description in self._descriptions.items():
+            log.info("{name} listening on {endpoint}", name=name, endpoint=description)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        self.running = 0
+        yield defer.DeferredList(
+            [defer.maybeDeferred(s.stopService) for s in reversed(list(self))],
+            consumeErrors=True,
+        )
+        yield defer.DeferredList(
+            [factory.drain(SHUTDOWN_GRACE) for factory in self._factories], consumeErrors=True
+        )
+        yield self._pool.closeCachedConnections()
+        if self._redis is not None:
+            yield self._redis.stop()
+        log.info("Stopped")
+
+
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
+    """Build the daemon from parsed options (or a dict holding C{config})."""
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    config: Config = options.config if isinstance(options, Options) else options["config"]
+    assert IReactorCore.providedBy(reactor) or hasattr(reactor, "seconds")
+
+    observer = makeObserver(config.log_level, config.log_format)
+    metrics = Metrics()
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = HTTP_POOL_IDLE_PER_HOST
+    pool.retryAutomatically = True
+    agent = Agent(reactor, connectTimeout=5, pool=pool)
+    client = UserliClient(
+        HTTPClient(agent).request,
+        config.userli_base_url,
+        config.userli_token,
+        reactor,
+        metrics,
+    )
+
+    redis = RedisClient(config.redis, reactor) if config.redis is not None else None
+    cache: LookupCache | None
+    if config.lookup_cache_ttl <= 0:
+        cache = None
+    elif redis is not None:
+        cache = RedisCache(redis, config.lookup_cache_ttl)
+    else:
+        cache = MemoryCache(reactor, config.lookup_cache_ttl)
+    if redis is None:
+        log.info(
+            "REDIS_URL is not set: the lookup cache and the rate-limit windows are "
+            "kept in memory and are lost on restart"
+        )
+
+    lookups = Lookups(client, cache, metrics, reactor, config.recipient_delimiter)
+    daemon = DaemonService(reactor, observer, pool, redis)
+    daemon.addListener("socketmap", config.socketmap_listen, SocketmapFactory(reactor, lookups, metrics))
+    daemon.addListener("http", config.metrics_listen, makeSite(Web(metrics, client)))
+    return daemon

@@ -1,0 +1,80 @@
+"""
+The HTTP listener: ``/metrics``, ``/health`` and ``/ready``.
+
+``/health`` says the process runs; ``/ready`` says it can reach Userli,
+with the same probe as the Go program (a domain lookup of
+``health-check.invalid``, bounded at 2 s).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from prometheus_client.twisted import MetricsResource
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+from userli_postfix.config import READY_TIMEOUT
+from userli_postfix.metrics import Metrics
+from userli_postfix.userli import UserliClient
+
+READY_PROBE = "health-check.invalid"
+
+
+def _json(request: IRequest, code: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+class Web:
+    """The Klein app, bound to the daemon's metrics and API client."""
+
+    app = Klein()
+
+    def __init__(self, metrics: Metrics, client: UserliClient, metricsResource: IResource | None = None) -> None:
+        self._metrics = metrics
+        self._client = client
+        self._metricsResource = metricsResource or MetricsResource(registry=metrics.registry)
+
+    @app.route("/metrics", branch=False)
+    def metrics(self, request: IRequest) -> IResource:
+        return self._metricsResource
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: IRequest) -> bytes:
+        return _json(request, 200, {"status": "ok"})
+
+    @app.route("/ready", methods=["GET", "HEAD"])
+    def ready(self, request: IRequest) -> defer.Deferred[bytes]:
+        d = self._client.domain(READY_PROBE, timeout=READY_TIMEOUT)
+
+        def ok(_: bool) -> bytes:
+            self._metrics.health_check_status.set(1)
+            return _json(request, 200, {"status": "ready"})
+
+        def unavailable(failure: Failure) -> bytes:
+            self._metrics.health_check_status.set(0)
+            return _json(request, 503, {"status": "unavailable", "error": str(failure.value)})
+
+        return d.addCallbacks(ok, unavailable)
+
+
+class QuietSite(Site):
+    """A Site that keeps scrapes and probes out of the log."""
+
+    noisy = False
+
+    def log(self, request: IRequest) -> None:
+        """Access logging is the reverse proxy's job, not the mail daemon's."""
+
+
+def makeSite(web: Web) -> Site:
+    """The HTTP factory for the metrics listener."""
+    return QuietSite(web.app.resource())
