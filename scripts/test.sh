@@ -1,0 +1,32 @@
+#!/bin/sh
+# Runs the whole test suite on a fresh Debian machine (as root, or with sudo
+# available): installs redis-server and postfix when they are missing, the
+# Python packages from PyPI, then runs every test with pytest.
+set -eu
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v redis-sentinel >/dev/null 2>&1 || missing="$missing redis-sentinel"
+command -v postmap >/dev/null 2>&1 || missing="$missing postfix"
+if [ -n "$missing" ]; then
+    echo "Installing from apt:$missing"
+    $SUDO apt-get update -qq
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+# Postfix's own commands live in /usr/sbin, which a non-login root shell may lack.
+PATH="$PATH:/usr/sbin:/sbin"
+export PATH
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+
+exec .venv/bin/python -m pytest "$@"
