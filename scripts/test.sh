@@ -24,9 +24,17 @@ export PATH
 
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+    if ! "$PYTHON" -m venv .venv >/dev/null 2>&1; then
+        # Debian's own Python keeps venv and pip in separate packages.
+        rm -rf .venv
+        $SUDO apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip >/dev/null
+        "$PYTHON" -m venv .venv
+    fi
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+# Not editable: an editable install would map the repository's
+# twisted/plugins over Twisted's own package.
+.venv/bin/python -m pip install -q ".[test]"
 
 exec .venv/bin/python -m pytest "$@"
