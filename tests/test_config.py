@@ -1,0 +1,519 @@
+"""
+Tests for L{userli_postfix.config}: the daemon must read the Go program's
+environment unchanged, and refuse a bad one at start-up with a message that
+names the variable at fault.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.endpoints import _SystemdParser
+from twisted.python.systemd import ListenFDs
+from twisted.trial.unittest import SynchronousTestCase
+
+from userli_postfix.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    RedisTarget,
+    listen_endpoint,
+    parse_base_url,
+    parse_duration,
+    parse_redis_url,
+)
+
+TOKEN = {"USERLI_TOKEN": "secret-token"}
+
+
+class ParseDurationTests(SynchronousTestCase):
+    """Go's C{time.ParseDuration} syntax, as the Go program read C{LOOKUP_CACHE_TTL}."""
+
+    def test_valid(self) -> None:
+        """Each Go duration spelling an operator may have used gives its seconds."""
+        table = [
+            ("300s", 300.0),
+            ("5m", 300.0),
+            ("1h30m", 5400.0),
+            ("1.5h", 5400.0),
+            ("0", 0.0),
+            ("0s", 0.0),
+            ("300ms", 0.3),
+            ("1500us", 0.0015),
+            ("1500\u00b5s", 0.0015),
+            ("2000000ns", 0.002),
+            ("1h1m1s", 3661.0),
+            (".5s", 0.5),
+            ("5.s", 5.0),
+            ("+5m", 300.0),
+            (" 5m ", 300.0),
+        ]
+        for text, seconds in table:
+            self.assertAlmostEqual(parse_duration(text), seconds, msg=text)
+
+    def test_negative(self) -> None:
+        """A sign is part of Go's syntax: negatives parse (the caller refuses them)."""
+        self.assertEqual(parse_duration("-5m"), -300.0)
+        self.assertEqual(parse_duration("-1h30m"), -5400.0)
+        self.assertEqual(parse_duration("-0"), 0.0)
+
+    def test_invalid(self) -> None:
+        """
+        Garbage, bare numbers other than C{0}, unknown units and Python-only
+        spellings are refused, like Go refuses them.
+        """
+        for text in [
+            "",
+            "   ",
+            "5",
+            "300",
+            "1.5",
+            "abc",
+            "s",
+            "-",
+            "+",
+            ".s",
+            "1d",
+            "1w",
+            "5 m",
+            "1h-30m",
+            "1e3s",
+            "5M",
+            "inf",
+            "nan",
+            "0x10s",
+        ]:
+            self.assertRaises(ValueError, parse_duration, text)
+
+
+class ListenEndpointTests(SynchronousTestCase):
+    """
+    Listen addresses: the Go forms become endpoint descriptions at the edge;
+    descriptions pass through after Twisted has checked them.
+    """
+
+    def test_go_forms(self) -> None:
+        """Every Go address form maps to the matching endpoint description."""
+        table = [
+            (":10001", "tcp:10001"),
+            ("127.0.0.1:10001", "tcp:10001:interface=127.0.0.1"),
+            ("0.0.0.0:25", "tcp:25:interface=0.0.0.0"),
+            ("localhost:10002", "tcp:10002:interface=localhost"),
+            ("[::1]:10001", "tcp6:10001:interface=\\:\\:1"),
+            ("[::]:10001", "tcp6:10001:interface=\\:\\:"),
+            ("/path/x.sock", "unix:/path/x.sock:mode=666:lockfile=1"),
+            (
+                "/var/spool/postfix/private/auth",
+                "unix:/var/spool/postfix/private/auth:mode=666:lockfile=1",
+            ),
+            ("x.sock", "unix:x.sock:mode=666:lockfile=1"),
+            (" :10001 ", "tcp:10001"),
+        ]
+        for value, description in table:
+            self.assertEqual(listen_endpoint("SOCKETMAP_LISTEN_ADDR", value), description, value)
+
+    def test_socket_path_escaped(self) -> None:
+        """
+        A colon or equals sign in a socket path is escaped, so the path is not
+        read as endpoint parameters.
+        """
+        self.assertEqual(
+            listen_endpoint("X", "/run/a:b=c.sock"),
+            "unix:/run/a\\:b\\=c.sock:mode=666:lockfile=1",
+        )
+
+    def test_descriptions_pass_through(self) -> None:
+        """Twisted endpoint descriptions are used as given."""
+        for description in [
+            "tcp:10001:interface=127.0.0.1",
+            "tcp6:10001:interface=\\:\\:1",
+            "unix:/path:mode=660:lockfile=1",
+            "unix:/run/userli/socketmap.sock",
+        ]:
+            self.assertEqual(listen_endpoint("X", description), description)
+
+    def test_malformed(self) -> None:
+        """Values that are none of the accepted forms are refused, naming the variable."""
+        for value in [
+            "",
+            "   ",
+            "foo",
+            "10001",
+            ":abc",
+            ":",
+            "[::1]",
+            "::1:10001",
+            "localhost:99999",
+            ":65536",
+            "host name:10001",
+            "*:25",
+            "tcp:abc",
+            "tcp:10001:nosuchparameter=1",
+            "unix:/x:mode=abc",
+        ]:
+            error = self.assertRaises(ConfigError, listen_endpoint, "POLICY_LISTEN_ADDR", value)
+            self.assertEqual(error.variable, "POLICY_LISTEN_ADDR", value)
+            self.assertTrue(str(error).startswith("POLICY_LISTEN_ADDR: "), value)
+
+    def _passFileDescriptors(self, names: str) -> None:
+        """
+        Make the systemd endpoint parser see sockets handed over by a socket
+        unit, as it would read them from C{LISTEN_PID}/C{LISTEN_FDS}.
+        """
+        count = len(names.split(":"))
+        environ = {
+            "LISTEN_PID": str(os.getpid()),
+            "LISTEN_FDS": str(count),
+            "LISTEN_FDNAMES": names,
+        }
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs.fromEnvironment(environ))
+
+    def test_systemd_with_passed_sockets(self) -> None:
+        """A systemd description is accepted when the socket unit passed sockets in."""
+        self._passFileDescriptors("socketmap:policy")
+        self.assertEqual(
+            listen_endpoint("SOCKETMAP_LISTEN_ADDR", "systemd:domain=INET:index=0"),
+            "systemd:domain=INET:index=0",
+        )
+        self.assertEqual(
+            listen_endpoint("POLICY_LISTEN_ADDR", "systemd:domain=INET:name=policy"),
+            "systemd:domain=INET:name=policy",
+        )
+
+    def test_systemd_without_passed_sockets(self) -> None:
+        """
+        Without sockets from systemd the error says so, instead of Twisted's
+        bare C{IndexError}, so the operator knows what is missing.
+        """
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs.fromEnvironment({}))
+        error = self.assertRaises(
+            ConfigError, listen_endpoint, "SOCKETMAP_LISTEN_ADDR", "systemd:domain=INET:index=0"
+        )
+        self.assertEqual(error.variable, "SOCKETMAP_LISTEN_ADDR")
+        self.assertIn("systemd", str(error))
+        self.assertIn("LISTEN_FDS", str(error))
+
+    def test_systemd_index_beyond_passed_sockets(self) -> None:
+        """An index past the sockets that were passed in is the same clear error."""
+        self._passFileDescriptors("socketmap")
+        error = self.assertRaises(
+            ConfigError, listen_endpoint, "POLICY_LISTEN_ADDR", "systemd:domain=INET:index=1"
+        )
+        self.assertEqual(error.variable, "POLICY_LISTEN_ADDR")
+        self.assertIn("LISTEN_FDS", str(error))
+
+
+class RedisURLTests(SynchronousTestCase):
+    """C{REDIS_URL} in go-redis's forms."""
+
+    def test_forms(self) -> None:
+        """Host, port, database, credentials, TLS and UNIX sockets are all understood."""
+        table = [
+            ("redis://localhost:6379/0", RedisTarget()),
+            ("redis://redis", RedisTarget(host="redis")),
+            ("redis://redis:6380/2", RedisTarget(host="redis", port=6380, db=2)),
+            ("redis://:secret@redis/1", RedisTarget(host="redis", db=1, password="secret")),
+            (
+                "redis://user:p%40ss@redis:6390/3",
+                RedisTarget(host="redis", port=6390, db=3, username="user", password="p@ss"),
+            ),
+            ("redis://user@redis", RedisTarget(host="redis", username="user")),
+            ("redis://redis?db=5", RedisTarget(host="redis", db=5)),
+            ("redis://[::1]:6379/1", RedisTarget(host="::1", db=1)),
+            ("rediss://redis:6390", RedisTarget(host="redis", port=6390, tls=True)),
+            (
+                "rediss://:pw@redis/4",
+                RedisTarget(host="redis", db=4, password="pw", tls=True),
+            ),
+            ("unix:///run/redis/redis.sock", RedisTarget(path="/run/redis/redis.sock")),
+            ("unix:///run/redis/redis.sock?db=4", RedisTarget(path="/run/redis/redis.sock", db=4)),
+        ]
+        for url, target in table:
+            self.assertEqual(parse_redis_url("REDIS_URL", url), target, url)
+
+    def test_invalid(self) -> None:
+        """Unusable URLs are refused naming C{REDIS_URL}."""
+        for url in [
+            "http://redis",
+            "localhost:6379",
+            "redis://",
+            "redis://redis:99999",
+            "redis://redis:port",
+            "redis://redis/abc",
+            "redis://redis/-1",
+            "unix://",
+            "unix:///run/redis.sock?db=x",
+        ]:
+            error = self.assertRaises(ConfigError, parse_redis_url, "REDIS_URL", url)
+            self.assertEqual(error.variable, "REDIS_URL", url)
+
+    def test_password_not_shown(self) -> None:
+        """The password appears neither in the target's repr nor in error messages."""
+        target = parse_redis_url("REDIS_URL", "redis://user:hunter2@redis/1")
+        self.assertNotIn("hunter2", repr(target))
+        for url in ["redis://:hunter2@redis/abc", "redis://:hunter2@redis:port/1"]:
+            error = self.assertRaises(ConfigError, parse_redis_url, "REDIS_URL", url)
+            self.assertNotIn("hunter2", str(error))
+
+
+class BaseURLTests(SynchronousTestCase):
+    """C{USERLI_BASE_URL} must be an absolute http(s) URL."""
+
+    def test_valid(self) -> None:
+        """http and https URLs are accepted; a trailing slash is dropped."""
+        table = [
+            ("http://localhost:8000", "http://localhost:8000"),
+            ("https://userli.example.org/", "https://userli.example.org"),
+            ("https://example.org/userli/", "https://example.org/userli"),
+            ("  http://userli  ", "http://userli"),
+        ]
+        for url, expected in table:
+            self.assertEqual(parse_base_url("USERLI_BASE_URL", url), expected)
+
+    def test_invalid(self) -> None:
+        """Other schemes, host-less URLs, queries, fragments and bad ports are refused."""
+        for url in [
+            "",
+            "localhost:8000",
+            "ftp://userli",
+            "http://",
+            "http:///path",
+            "http://userli?x=1",
+            "http://userli#top",
+            "http://userli:99999",
+            "http://userli:port",
+        ]:
+            error = self.assertRaises(ConfigError, parse_base_url, "USERLI_BASE_URL", url)
+            self.assertEqual(error.variable, "USERLI_BASE_URL", url)
+
+
+class ConfigTests(SynchronousTestCase):
+    """The whole configuration, from the environment and twistd options."""
+
+    def test_defaults(self) -> None:
+        """With only the token set, every value is the Go program's default."""
+        config = Config.from_sources(TOKEN)
+        self.assertEqual(config.userli_token, "secret-token")
+        self.assertEqual(config.userli_base_url, "http://localhost:8000")
+        self.assertEqual(config.recipient_delimiter, "")
+        self.assertEqual(config.socketmap_listen, "tcp:10001")
+        self.assertEqual(config.policy_listen, "tcp:10003")
+        self.assertEqual(config.metrics_listen, "tcp:10002")
+        self.assertIsNone(config.sasl_listen)
+        self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
+        self.assertIsNone(config.redis)
+        self.assertEqual(config.lookup_cache_ttl, 300.0)
+        self.assertEqual(config.quota_cache_ttl, 30.0)
+        self.assertEqual(config.sasl_failure_delay, 2.0)
+        self.assertEqual(config.log_level, "info")
+        self.assertEqual(config.log_format, "text")
+
+    def test_settings_defaults(self) -> None:
+        """The documented defaults of the Go program's variables are those of L{SETTINGS}."""
+        defaults = {s.variable: s.default for s in SETTINGS}
+        self.assertEqual(
+            {
+                k: defaults[k]
+                for k in defaults
+                if k not in ("QUOTA_CACHE_TTL", "SASL_FAILURE_DELAY", "LOG_FORMAT")
+            },
+            {
+                "USERLI_TOKEN": None,
+                "USERLI_BASE_URL": "http://localhost:8000",
+                "POSTFIX_RECIPIENT_DELIMITER": "",
+                "SOCKETMAP_LISTEN_ADDR": ":10001",
+                "POLICY_LISTEN_ADDR": ":10003",
+                "METRICS_LISTEN_ADDR": ":10002",
+                "SASL_LISTEN_ADDR": "",
+                "RATE_LIMIT_MESSAGE": "Rate limit exceeded, please try again later",
+                "REDIS_URL": "",
+                "LOOKUP_CACHE_TTL": "300s",
+                "LOG_LEVEL": "info",
+            },
+        )
+        self.assertEqual(defaults["QUOTA_CACHE_TTL"], "30s")
+        self.assertEqual(defaults["SASL_FAILURE_DELAY"], "2s")
+        self.assertEqual(defaults["LOG_FORMAT"], "text")
+
+    def test_settings_unique(self) -> None:
+        """Each variable and each option name appears once, and each has help text."""
+        self.assertEqual(len({s.variable for s in SETTINGS}), len(SETTINGS))
+        self.assertEqual(len({s.option for s in SETTINGS}), len(SETTINGS))
+        for setting in SETTINGS:
+            self.assertTrue(setting.help, setting.variable)
+
+    def test_environment(self) -> None:
+        """Every variable is read from the environment."""
+        config = Config.from_sources(
+            {
+                "USERLI_TOKEN": " tok ",
+                "USERLI_BASE_URL": "https://userli.example.org/",
+                "POSTFIX_RECIPIENT_DELIMITER": "+",
+                "SOCKETMAP_LISTEN_ADDR": "127.0.0.1:20001",
+                "POLICY_LISTEN_ADDR": "[::1]:20003",
+                "METRICS_LISTEN_ADDR": "tcp:20002",
+                "SASL_LISTEN_ADDR": "/var/spool/postfix/private/auth",
+                "RATE_LIMIT_MESSAGE": "Slow down",
+                "REDIS_URL": "redis://redis:6379/1",
+                "LOOKUP_CACHE_TTL": "5m",
+                "QUOTA_CACHE_TTL": "0",
+                "SASL_FAILURE_DELAY": "500ms",
+                "LOG_LEVEL": "DEBUG",
+                "LOG_FORMAT": "JSON",
+            }
+        )
+        self.assertEqual(config.userli_token, "tok")
+        self.assertEqual(config.userli_base_url, "https://userli.example.org")
+        self.assertEqual(config.recipient_delimiter, "+")
+        self.assertEqual(config.socketmap_listen, "tcp:20001:interface=127.0.0.1")
+        self.assertEqual(config.policy_listen, "tcp6:20003:interface=\\:\\:1")
+        self.assertEqual(config.metrics_listen, "tcp:20002")
+        self.assertEqual(
+            config.sasl_listen, "unix:/var/spool/postfix/private/auth:mode=666:lockfile=1"
+        )
+        self.assertEqual(config.rate_limit_message, "Slow down")
+        self.assertEqual(config.redis, RedisTarget(host="redis", db=1))
+        self.assertEqual(config.lookup_cache_ttl, 300.0)
+        self.assertEqual(config.quota_cache_ttl, 0.0)
+        self.assertEqual(config.sasl_failure_delay, 0.5)
+        self.assertEqual(config.log_level, "debug")
+        self.assertEqual(config.log_format, "json")
+
+    def test_options_over_environment(self) -> None:
+        """A twistd option wins over the variable; an option left unset does not."""
+        environ = {
+            **TOKEN,
+            "LOOKUP_CACHE_TTL": "5m",
+            "LOG_LEVEL": "error",
+            "REDIS_URL": "redis://redis",
+        }
+        options: dict[str, str | None] = {
+            "lookup-cache-ttl": "1h",
+            "log-level": None,
+            "userli-token": "from-option",
+        }
+        config = Config.from_sources(environ, options)
+        self.assertEqual(config.lookup_cache_ttl, 3600.0)
+        self.assertEqual(config.log_level, "error")
+        self.assertEqual(config.userli_token, "from-option")
+        self.assertEqual(config.redis, RedisTarget(host="redis"))
+
+    def test_empty_option_overrides(self) -> None:
+        """
+        An option given as an empty string is a choice (e.g. no Redis), not
+        an absent option.
+        """
+        config = Config.from_sources({**TOKEN, "REDIS_URL": "redis://redis"}, {"redis-url": ""})
+        self.assertIsNone(config.redis)
+
+    def test_every_option_is_read(self) -> None:
+        """
+        Every setting can be given as an option alone, with the same effect as
+        its variable.
+        """
+        values = {
+            "USERLI_TOKEN": "tok",
+            "USERLI_BASE_URL": "https://userli.example.org",
+            "POSTFIX_RECIPIENT_DELIMITER": "+",
+            "SOCKETMAP_LISTEN_ADDR": ":20001",
+            "POLICY_LISTEN_ADDR": ":20003",
+            "METRICS_LISTEN_ADDR": ":20002",
+            "SASL_LISTEN_ADDR": ":20006",
+            "RATE_LIMIT_MESSAGE": "Slow down",
+            "REDIS_URL": "redis://redis/2",
+            "LOOKUP_CACHE_TTL": "1m",
+            "QUOTA_CACHE_TTL": "2m",
+            "SASL_FAILURE_DELAY": "3s",
+            "LOG_LEVEL": "debug",
+            "LOG_FORMAT": "json",
+        }
+        self.assertEqual(set(values), {s.variable for s in SETTINGS})
+        options: dict[str, str | None] = {s.option: values[s.variable] for s in SETTINGS}
+        fromOptions = Config.from_sources({}, options)
+        self.assertEqual(fromOptions, Config.from_sources(values))
+        self.assertNotEqual(fromOptions, Config.from_sources(TOKEN))
+
+    def test_log_level_aliases(self) -> None:
+        """Levels are case-insensitive, and Go's C{warning} spelling means C{warn}."""
+        for value, level in [
+            ("WARN", "warn"),
+            ("warning", "warn"),
+            ("Error", "error"),
+            ("", "info"),
+        ]:
+            config = Config.from_sources({**TOKEN, "LOG_LEVEL": value})
+            self.assertEqual(config.log_level, level)
+
+    def test_multi_character_delimiter(self) -> None:
+        """Postfix allows several delimiter characters; they are kept as given."""
+        config = Config.from_sources({**TOKEN, "POSTFIX_RECIPIENT_DELIMITER": "+-"})
+        self.assertEqual(config.recipient_delimiter, "+-")
+
+    def test_rate_limit_message_one_line(self) -> None:
+        """
+        The rate-limit text becomes part of a one-line policy reply: line breaks
+        collapse to spaces, and an empty text falls back to the default.
+        """
+        config = Config.from_sources({**TOKEN, "RATE_LIMIT_MESSAGE": "Too many\r\nmails\t today "})
+        self.assertEqual(config.rate_limit_message, "Too many mails today")
+        config = Config.from_sources({**TOKEN, "RATE_LIMIT_MESSAGE": " \n "})
+        self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
+
+    def test_zero_ttl(self) -> None:
+        """C{LOOKUP_CACHE_TTL=0} is allowed: it turns the cache off."""
+        config = Config.from_sources({**TOKEN, "LOOKUP_CACHE_TTL": "0"})
+        self.assertEqual(config.lookup_cache_ttl, 0.0)
+
+    def test_empty_sasl_is_off(self) -> None:
+        """An empty or blank C{SASL_LISTEN_ADDR} leaves the SASL listener off."""
+        for value in ["", "  "]:
+            config = Config.from_sources({**TOKEN, "SASL_LISTEN_ADDR": value})
+            self.assertIsNone(config.sasl_listen)
+
+    def test_errors_name_their_variable(self) -> None:
+        """Every bad value raises a L{ConfigError} that names its variable first."""
+        table = [
+            ("USERLI_TOKEN", ""),
+            ("USERLI_TOKEN", "   "),
+            ("USERLI_BASE_URL", "userli:8000"),
+            ("POSTFIX_RECIPIENT_DELIMITER", "@"),
+            ("POSTFIX_RECIPIENT_DELIMITER", "+@"),
+            ("POSTFIX_RECIPIENT_DELIMITER", " "),
+            ("SOCKETMAP_LISTEN_ADDR", "nonsense"),
+            ("POLICY_LISTEN_ADDR", ":99999"),
+            ("METRICS_LISTEN_ADDR", "tcp:x"),
+            ("SASL_LISTEN_ADDR", "auth"),
+            ("REDIS_URL", "memcached://x"),
+            ("LOOKUP_CACHE_TTL", "-5m"),
+            ("LOOKUP_CACHE_TTL", "300"),
+            ("LOOKUP_CACHE_TTL", "five minutes"),
+            ("QUOTA_CACHE_TTL", "-1s"),
+            ("QUOTA_CACHE_TTL", "30"),
+            ("SASL_FAILURE_DELAY", "-2s"),
+            ("SASL_FAILURE_DELAY", "2"),
+            ("LOG_LEVEL", "verbose"),
+            ("LOG_FORMAT", "xml"),
+        ]
+        for variable, value in table:
+            environ = {**TOKEN, variable: value}
+            error = self.assertRaises(ConfigError, Config.from_sources, environ)
+            self.assertEqual(error.variable, variable, f"{variable}={value!r}")
+            self.assertTrue(str(error).startswith(f"{variable}: "), str(error))
+
+    def test_token_required(self) -> None:
+        """Without C{USERLI_TOKEN} the daemon refuses to start, as the Go program does."""
+        error = self.assertRaises(ConfigError, Config.from_sources, {})
+        self.assertEqual(error.variable, "USERLI_TOKEN")
+
+    def test_secrets_not_in_repr(self) -> None:
+        """Neither the API token nor the Redis password shows in the configuration's repr."""
+        config = Config.from_sources(
+            {"USERLI_TOKEN": "tok-12345", "REDIS_URL": "redis://:pw-67890@redis/0"}
+        )
+        self.assertNotIn("tok-12345", repr(config))
+        self.assertNotIn("pw-67890", repr(config))
+
+    def test_frozen(self) -> None:
+        """The configuration cannot be changed once built."""
+        config = Config.from_sources(TOKEN)
+        self.assertRaises(AttributeError, setattr, config, "lookup_cache_ttl", 1.0)
