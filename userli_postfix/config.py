@@ -10,7 +10,7 @@ deployment fails at start-up with a line an operator can act on.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
@@ -157,6 +157,28 @@ class RedisTarget:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: bool = False
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+def parse_sentinels(variable: str, text: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``host:port,host:port,...`` (IPv6 hosts in brackets)."""
+    addresses = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        match = _HOST_PORT.match(item)
+        if match is None or not (match.group("v6") or match.group("host")):
+            raise ConfigError(variable, f"{item!r} is not HOST:PORT")
+        port = int(match.group("port"))
+        if not 0 < port < 65536:
+            raise ConfigError(variable, f"port {port} out of range")
+        addresses.append((match.group("v6") or match.group("host"), port))
+    if not addresses:
+        raise ConfigError(variable, "no Sentinel address given")
+    return tuple(addresses)
 
 
 def parse_redis_url(variable: str, url: str) -> RedisTarget:
@@ -257,6 +279,21 @@ SETTINGS: tuple[Setting, ...] = (
         "text after REJECT when a sender is over quota",
     ),
     Setting("REDIS_URL", "redis-url", "", "redis://[user:password@]host:port/db (empty: in memory)"),
+    Setting(
+        "REDIS_SENTINEL_ADDRS",
+        "redis-sentinel-addrs",
+        "",
+        "Redis Sentinels host:port,host:port,... (set: find the master through them)",
+    ),
+    Setting(
+        "REDIS_SENTINEL_MASTER", "redis-sentinel-master", "mymaster", "Sentinel master name"
+    ),
+    Setting(
+        "REDIS_SENTINEL_PASSWORD",
+        "redis-sentinel-password",
+        "",
+        "password of the Sentinels themselves (empty: none)",
+    ),
     Setting("LOOKUP_CACHE_TTL", "lookup-cache-ttl", "300s", "lifetime of cached OK answers (0: off)"),
     Setting(
         "QUOTA_CACHE_TTL",
@@ -341,6 +378,19 @@ class Config:
 
         sasl_addr = get("SASL_LISTEN_ADDR").strip()
         redis_url = get("REDIS_URL").strip()
+        redis = parse_redis_url("REDIS_URL", redis_url) if redis_url else None
+        sentinel_addrs = get("REDIS_SENTINEL_ADDRS").strip()
+        if sentinel_addrs:
+            master = get("REDIS_SENTINEL_MASTER").strip()
+            if not master:
+                raise ConfigError("REDIS_SENTINEL_MASTER", "required with REDIS_SENTINEL_ADDRS")
+            # REDIS_URL then only contributes the password, user and db.
+            redis = replace(
+                redis or RedisTarget(),
+                sentinels=parse_sentinels("REDIS_SENTINEL_ADDRS", sentinel_addrs),
+                master_name=master,
+                sentinel_password=get("REDIS_SENTINEL_PASSWORD") or None,
+            )
         message = " ".join(get("RATE_LIMIT_MESSAGE").split())
 
         return cls(
@@ -352,7 +402,7 @@ class Config:
             metrics_listen=listen_endpoint("METRICS_LISTEN_ADDR", get("METRICS_LISTEN_ADDR")),
             sasl_listen=listen_endpoint("SASL_LISTEN_ADDR", sasl_addr) if sasl_addr else None,
             rate_limit_message=message or "Rate limit exceeded, please try again later",
-            redis=parse_redis_url("REDIS_URL", redis_url) if redis_url else None,
+            redis=redis,
             lookup_cache_ttl=_non_negative_duration("LOOKUP_CACHE_TTL", get("LOOKUP_CACHE_TTL")),
             quota_cache_ttl=_non_negative_duration("QUOTA_CACHE_TTL", get("QUOTA_CACHE_TTL")),
             sasl_failure_delay=_non_negative_duration(

@@ -81,9 +81,16 @@ class RedisClient:
         self.clock = clock
         self.commandTimeout = commandTimeout
         self._connection = connection
+        self._sentinel: Any = None
 
     def __repr__(self) -> str:
-        where = self.target.path or f"{self.target.host}:{self.target.port}"
+        t = self.target
+        if t.sentinels:
+            where = f"master {t.master_name!r} via Sentinels " + ",".join(
+                f"{host}:{port}" for host, port in t.sentinels
+            )
+        else:
+            where = t.path or f"{t.host}:{t.port}"
         return f"<RedisClient {where} db={self.target.db}>"
 
     def start(self) -> None:
@@ -103,7 +110,22 @@ class RedisClient:
             replyTimeout=max(2.0, self.commandTimeout * 4),
             convertNumbers=True,
         )
-        if t.path is not None:
+        if t.sentinels:
+            self._sentinel = txredisapi.Sentinel(
+                list(t.sentinels),
+                password=t.sentinel_password,
+                connectTimeout=CONNECT_TIMEOUT,
+                replyTimeout=CONNECT_TIMEOUT,
+            )
+            self._connection = self._sentinel.master_for(
+                t.master_name,
+                dbid=t.db,
+                poolsize=POOL_SIZE,
+                password=t.password,
+                username=t.username,
+                replyTimeout=common["replyTimeout"],
+            )
+        elif t.path is not None:
             self._connection = txredisapi.lazyUnixConnectionPool(t.path, **common)
         else:
             self._connection = txredisapi.lazyConnectionPool(
@@ -144,6 +166,9 @@ class RedisClient:
         if self._connection is None:
             return defer.succeed(None)
         connection, self._connection = self._connection, None
-        d: defer.Deferred[None] = defer.maybeDeferred(connection.disconnect)
-        d.addErrback(lambda f: None)
-        return d
+        sentinel, self._sentinel = self._sentinel, None
+        closing = [defer.maybeDeferred(connection.disconnect)]
+        if sentinel is not None:
+            closing.append(defer.maybeDeferred(sentinel.disconnect))
+        d = defer.DeferredList(closing, consumeErrors=True)
+        return d.addCallback(lambda _: None)
