@@ -11,8 +11,9 @@ answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from twisted.internet import defer
@@ -226,6 +227,16 @@ class UserliClient:
         return d
 
     def _get(
+        self, endpoint: str, key: str, parse: Callable[[int, Any], T], timeout: float | None = None
+    ) -> defer.Deferred[T]:
+        # Percent-encoding cannot protect these: servers and proxies resolve
+        # dot segments (encoded or not), and an empty segment names the
+        # parent route.  No valid key looks like this anyway.
+        if key in ("", ".", ".."):
+            return defer.fail(UserliError(f"{endpoint}: refusing key {key!r}"))
+        return self._call(endpoint, "GET", self._url(endpoint, key), parse, timeout=timeout)
+
+    def _getOk(
         self, endpoint: str, key: str, parse: Callable[[Any], T], timeout: float | None = None
     ) -> defer.Deferred[T]:
         def ok_only(code: int, value: Any) -> T:
@@ -233,23 +244,23 @@ class UserliClient:
                 raise UserliError(f"HTTP {code}")
             return parse(value)
 
-        return self._call(endpoint, "GET", self._url(endpoint, key), ok_only, timeout=timeout)
+        return self._get(endpoint, key, ok_only, timeout=timeout)
 
     def alias(self, address: str) -> defer.Deferred[list[str]]:
         """Destinations of the alias C{address}; C{[]} when it is none."""
-        return self._get("alias", address, _address_list)
+        return self._getOk("alias", address, _address_list)
 
     def senders(self, address: str) -> defer.Deferred[list[str]]:
         """Logins allowed to send as C{address}; C{[]} when none."""
-        return self._get("senders", address, _address_list)
+        return self._getOk("senders", address, _address_list)
 
     def domain(self, name: str, timeout: float | None = None) -> defer.Deferred[bool]:
         """Whether C{name} is a Userli domain."""
-        return self._get("domain", name, _boolean, timeout=timeout)
+        return self._getOk("domain", name, _boolean, timeout=timeout)
 
     def mailbox(self, address: str) -> defer.Deferred[bool]:
         """Whether C{address} is a mailbox."""
-        return self._get("mailbox", address, _boolean)
+        return self._getOk("mailbox", address, _boolean)
 
     def smtp_quota(self, address: str) -> defer.Deferred[Quota | None]:
         """The sending quota of C{address}; C{None} when Userli does not know it (404)."""
@@ -261,7 +272,7 @@ class UserliClient:
                 raise UserliError(f"HTTP {code}")
             return _quota(value)
 
-        return self._call("smtp_quota", "GET", self._url("smtp_quota", address), parse)
+        return self._get("smtp_quota", address, parse)
 
     def auth(self, email: str, password: str) -> defer.Deferred[AuthResult]:
         """
