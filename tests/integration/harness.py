@@ -286,9 +286,16 @@ def daemon_environment(overrides: Mapping[str, str | None]) -> dict[str, str]:
     return env
 
 
+# What the ``twistd`` console script runs, with this interpreter: no need
+# for the script to be on PATH, and the daemon runs under the Python (and
+# the packages) of the tests.  ``python -m twisted`` is the other runner,
+# ``twist``, which has neither ``-n`` nor ``--pidfile``.
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
 def twistd_command(*arguments: str) -> list[str]:
     """C{twistd -n --pidfile= userli-postfix ARGUMENTS} with this Python."""
-    return [sys.executable, "-m", "twisted", "-n", "--pidfile=", "userli-postfix", *arguments]
+    return [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "userli-postfix", *arguments]
 
 
 def run_daemon(
