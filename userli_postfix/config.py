@@ -10,8 +10,8 @@ deployment fails at start-up with a line an operator can act on.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.endpoints import serverFromString
@@ -86,7 +86,9 @@ def _escape_endpoint(value: str) -> str:
 
 
 _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
-_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})$")
+_HOST_PORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})$"
+)
 
 
 def listen_endpoint(variable: str, value: str) -> str:
@@ -193,9 +195,11 @@ def parse_redis_url(variable: str, url: str) -> RedisTarget:
         raise ConfigError(variable, f"malformed URL: {exc}") from None
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
-    query = dict(
-        item.split("=", 1) if "=" in item else (item, "") for item in parts.query.split("&") if item
-    )
+    query: dict[str, str] = {}
+    for item in parts.query.split("&"):
+        name, _, value = item.partition("=")
+        if name:
+            query[name] = value
     if parts.scheme in ("redis", "rediss"):
         if not parts.hostname:
             raise ConfigError(variable, "missing host")
@@ -227,7 +231,7 @@ def parse_base_url(variable: str, url: str) -> str:
     """Check that C{url} is an absolute http(s) URL; return it without a trailing slash."""
     try:
         parts = urlsplit(url.strip())
-        parts.port
+        _ = parts.port  # raises for a non-numeric port
     except ValueError as exc:
         raise ConfigError(variable, f"malformed URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -241,7 +245,9 @@ def _non_negative_duration(variable: str, text: str) -> float:
     try:
         seconds = parse_duration(text)
     except ValueError:
-        raise ConfigError(variable, f"{text!r} is not a duration (e.g. 300s, 5m, 1h30m, 0)") from None
+        raise ConfigError(
+            variable, f"{text!r} is not a duration (e.g. 300s, 5m, 1h30m, 0)"
+        ) from None
     if seconds < 0:
         raise ConfigError(variable, f"{text!r} is negative")
     return seconds
@@ -269,7 +275,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SOCKETMAP_LISTEN_ADDR", "socketmap-listen", ":10001", "socketmap listen address"),
     Setting("POLICY_LISTEN_ADDR", "policy-listen", ":10003", "policy service listen address"),
     Setting(
-        "METRICS_LISTEN_ADDR", "metrics-listen", ":10002", "/metrics, /health and /ready listen address"
+        "METRICS_LISTEN_ADDR",
+        "metrics-listen",
+        ":10002",
+        "/metrics, /health and /ready listen address",
     ),
     Setting("SASL_LISTEN_ADDR", "sasl-listen", "", "Dovecot-auth listen address (empty: off)"),
     Setting(
@@ -278,23 +287,25 @@ SETTINGS: tuple[Setting, ...] = (
         "Rate limit exceeded, please try again later",
         "text after REJECT when a sender is over quota",
     ),
-    Setting("REDIS_URL", "redis-url", "", "redis://[user:password@]host:port/db (empty: in memory)"),
+    Setting(
+        "REDIS_URL", "redis-url", "", "redis://[user:password@]host:port/db (empty: in memory)"
+    ),
     Setting(
         "REDIS_SENTINEL_ADDRS",
         "redis-sentinel-addrs",
         "",
         "Redis Sentinels host:port,host:port,... (set: find the master through them)",
     ),
-    Setting(
-        "REDIS_SENTINEL_MASTER", "redis-sentinel-master", "mymaster", "Sentinel master name"
-    ),
+    Setting("REDIS_SENTINEL_MASTER", "redis-sentinel-master", "mymaster", "Sentinel master name"),
     Setting(
         "REDIS_SENTINEL_PASSWORD",
         "redis-sentinel-password",
         "",
         "password of the Sentinels themselves (empty: none)",
     ),
-    Setting("LOOKUP_CACHE_TTL", "lookup-cache-ttl", "300s", "lifetime of cached OK answers (0: off)"),
+    Setting(
+        "LOOKUP_CACHE_TTL", "lookup-cache-ttl", "300s", "lifetime of cached OK answers (0: off)"
+    ),
     Setting(
         "QUOTA_CACHE_TTL",
         "quota-cache-ttl",
@@ -367,7 +378,9 @@ class Config:
         if level == "warning":
             level = "warn"
         if level not in LOG_LEVELS:
-            raise ConfigError("LOG_LEVEL", f"{get('LOG_LEVEL')!r} is not one of {', '.join(LOG_LEVELS)}")
+            raise ConfigError(
+                "LOG_LEVEL", f"{get('LOG_LEVEL')!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
         log_format = get("LOG_FORMAT").strip().lower() or "text"
         if log_format not in LOG_FORMATS:
             raise ConfigError("LOG_FORMAT", f"{get('LOG_FORMAT')!r} is not one of text, json")
@@ -411,4 +424,3 @@ class Config:
             log_level=level,
             log_format=log_format,
         )
-

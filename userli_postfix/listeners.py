@@ -9,7 +9,8 @@ decision they ask for; the connection discipline lives here, once.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 from twisted.internet import defer
@@ -97,14 +98,14 @@ class ServingMixin(TimeoutMixin):
     """
 
     factory: LimitedFactory
-    transport: object
+    transport: Any
 
     def idleTimeout(self) -> float | None:
         """Seconds a connection may wait for a request while nothing is outstanding."""
         return self.factory.idle_timeout
 
     def connectionMade(self) -> None:
-        self.callLater = self.factory.clock.callLater
+        self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
         self.replies = ReplyQueue(self._writeReply, self._repliesChanged)
         self._paused = False
         self.factory.connectionOpened(self)
@@ -174,7 +175,7 @@ class LimitedFactory(Factory):
         self._refused = refused
         self._allClosed: list[defer.Deferred[None]] = []
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
         if self.draining or len(self.connections) >= self.max_connections:
             # Returning None makes Twisted close the new connection at once.
             if self._refused is not None:
@@ -185,7 +186,7 @@ class LimitedFactory(Factory):
                 limit=self.max_connections,
             )
             return None
-        return super().buildProtocol(addr)
+        return super().buildProtocol(addr)  # type: ignore[return-value]
 
     def connectionOpened(self, protocol: ServingMixin) -> None:
         self.connections.add(protocol)

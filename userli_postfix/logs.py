@@ -58,6 +58,8 @@ class JSONLinesObserver:
 def makeObserver(level: str, format: str, stream: IO[str] | None = None) -> ILogObserver:
     """An observer that drops events below C{level} and writes the rest in C{format}."""
     out = stream if stream is not None else sys.stdout
-    observer: ILogObserver = JSONLinesObserver(out) if format == "json" else textFileLogObserver(out)
+    observer: ILogObserver = (
+        JSONLinesObserver(out) if format == "json" else textFileLogObserver(out)
+    )
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     return FilteringLogObserver(observer, [predicate])

@@ -9,7 +9,8 @@ flight at the same moment share one API call.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -59,7 +60,9 @@ class Lookups:
         self._delimiter = delimiter
         self._inflight: dict[tuple[str, str], list[defer.Deferred[bytes]]] = {}
         # map name -> (key normaliser, API call, reply formatter)
-        self._maps: dict[str, tuple[Callable[[str], str | None], Callable[[str], Any], Callable[[Any], bytes]]] = {
+        self._maps: dict[
+            str, tuple[Callable[[str], str | None], Callable[[str], Any], Callable[[Any], bytes]]
+        ] = {
             "alias": (self._address, client.alias, _ok_list),
             "domain": (normalise_domain, client.domain, _ok_flag),
             "mailbox": (self._address, client.mailbox, _ok_flag),
@@ -107,8 +110,7 @@ class Lookups:
             log.debug("Lookup cache unavailable: {error}", error=failure.value)
             return self._fetch(mapname, key, normalised, call, render, started)
 
-        d.addCallbacks(cached, unavailable)
-        return d
+        return d.addCallbacks(cached, unavailable)  # type: ignore[return-value]
 
     def _fetch(
         self,

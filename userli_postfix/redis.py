@@ -34,7 +34,9 @@ class RedisUnavailable(Exception):
     """Redis did not answer: not connected, timed out, or the connection broke."""
 
 
-def _withDeadline(inner: defer.Deferred[Any], seconds: float, clock: IReactorTime) -> defer.Deferred[Any]:
+def _withDeadline(
+    inner: defer.Deferred[Any], seconds: float, clock: IReactorTime
+) -> defer.Deferred[Any]:
     """
     Fire with C{inner}'s result, or fail after C{seconds}.
 

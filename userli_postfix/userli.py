@@ -217,7 +217,7 @@ class UserliClient:
             return result
 
         headers = self._postHeaders if body is not None else self._getHeaders
-        d: defer.Deferred[T] = self._request(
+        d: defer.Deferred[Any] = self._request(
             method, url, headers=headers, data=body, allow_redirects=False
         )
         d.addCallback(gotResponse)

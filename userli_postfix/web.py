@@ -38,7 +38,9 @@ class Web:
 
     app = Klein()
 
-    def __init__(self, metrics: Metrics, client: UserliClient, metricsResource: IResource | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, client: UserliClient, metricsResource: IResource | None = None
+    ) -> None:
         self._metrics = metrics
         self._client = client
         self._metricsResource = metricsResource or MetricsResource(registry=metrics.registry)
@@ -71,7 +73,7 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: IRequest) -> None:
+    def log(self, request: Any) -> None:  # type: ignore[override]
         """Access logging is the reverse proxy's job, not the mail daemon's."""
 
 
