@@ -1,0 +1,287 @@
+"""
+Sliding windows of sent messages per sender: one interface, two backends.
+
+The Redis backend keeps the Go program's layout exactly, so an operator can
+switch programs in either direction and every sender's window carries on:
+
+- key ``userli:ratelimit:sender:<identity>``, a sorted set;
+- member ``<unix-nanoseconds>:<8 hex characters>``, score the unix
+  nanoseconds of the attempt;
+- the key expires 25 h after the last attempt.
+
+One step, atomic in a Lua script: drop members older than 24 h, record this
+attempt (rejected attempts too, so a sender who keeps trying stays blocked
+instead of getting a free reset when old messages age out), count the last
+hour and the last day, and refuse when a non-zero limit is exceeded (the
+counts include this attempt, so a limit of N lets exactly N through).
+
+The boundaries are the script's: a message exactly 24 h old still counts
+for the day, a message exactly 1 h old no longer counts for the hour.
+
+The memory backend, used when no Redis is configured, has the same
+semantics and forgets senders that have been quiet for 25 h.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from bisect import bisect_left, bisect_right, insort
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from userli_postfix.config import Config
+from userli_postfix.metrics import Metrics
+from userli_postfix.redis import RedisClient
+from userli_postfix.userli import Quota
+
+log = Logger()
+
+KEY_PREFIX = "userli:ratelimit:sender:"
+
+NS_PER_SECOND = 1_000_000_000
+HOUR_NS = 3600 * NS_PER_SECOND
+DAY_NS = 24 * HOUR_NS
+
+# Slightly longer than the day window, so no member that still counts is
+# lost with its key, while a quiet sender's key goes away on its own.
+KEY_TTL_SECONDS = 25 * 3600
+KEY_TTL_NS = KEY_TTL_SECONDS * NS_PER_SECOND
+
+# The Go program's algorithm, written out again.  ARGV: per-hour limit,
+# per-day limit, now, now - 1 h, now - 24 h (all unix nanoseconds, as
+# decimal strings so that no precision is lost before Redis parses them),
+# the member suffix and the key TTL in seconds.  Returns
+# {allowed (1 or 0), count of the last hour, count of the last day}.
+SCRIPT = """\
+local key = KEYS[1]
+local now = ARGV[3]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. ARGV[5])
+redis.call('ZADD', key, now, now .. ':' .. ARGV[6])
+redis.call('EXPIRE', key, tonumber(ARGV[7]))
+local day_count = tonumber(redis.call('ZCARD', key))
+local hour_count = tonumber(redis.call('ZCOUNT', key, '(' .. ARGV[4], '+inf'))
+local per_hour = tonumber(ARGV[1])
+local per_day = tonumber(ARGV[2])
+if (per_hour > 0 and hour_count > per_hour) or (per_day > 0 and day_count > per_day) then
+    return {0, hour_count, day_count}
+end
+return {1, hour_count, day_count}
+"""
+
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
+
+
+def window_key(identity: str) -> str:
+    """The Go program's Redis key of C{identity}'s window."""
+    return KEY_PREFIX + identity
+
+
+def random_suffix() -> str:
+    """
+    Eight hex characters that keep two attempts of the same nanosecond
+    apart; they need to be distinct, not secret.
+    """
+    return f"{random.getrandbits(32):08x}"
+
+
+def unix_ns(clock: IReactorTime) -> int:
+    """The clock's time in whole unix nanoseconds."""
+    return int(clock.seconds() * NS_PER_SECOND)
+
+
+def exceeds(quota: Quota, hour_count: int, day_count: int) -> bool:
+    """
+    Whether counts that include the current attempt exceed C{quota}; a
+    limit of 0 is no limit.
+    """
+    return (0 < quota.per_hour < hour_count) or (0 < quota.per_day < day_count)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of one step: allowed or not, and the counts it saw."""
+
+    allowed: bool
+    hour_count: int
+    day_count: int
+
+
+class RateLimitError(Exception):
+    """The window could not be read or updated; the caller fails open."""
+
+
+class RateLimiter(Protocol):
+    """
+    Records one attempt of a sender and says whether it is within quota.
+
+    C{check} fails with L{RateLimitError} when the backend cannot
+    answer; it has already counted that failure in the metrics.
+    """
+
+    def check(self, identity: str, quota: Quota) -> defer.Deferred[Verdict]: ...
+
+
+class _Window:
+    """One sender's attempts (sorted unix nanoseconds) and when it last tried."""
+
+    __slots__ = ("stamps", "touched")
+
+    def __init__(self) -> None:
+        self.stamps: list[int] = []
+        self.touched = 0
+
+
+class MemoryRateLimiter:
+    """
+    The windows in this process's memory: the Redis script's semantics,
+    without Redis, for a single server.
+
+    Memory is bounded by activity: a sender's timestamps older than 24 h are
+    dropped at its next attempt, and a sender quiet for 25 h is forgotten
+    (checked on every step, oldest first, so the cost is constant per
+    message and no timer is needed).
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        # Least recently active first.
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Senders currently remembered."""
+        return len(self._windows)
+
+    def step(self, identity: str, quota: Quota) -> Verdict:
+        """Record one attempt of C{identity} now and judge it against C{quota}."""
+        now = unix_ns(self._clock)
+        self._forgetIdle(now)
+        windows = self._windows
+        window = windows.get(identity)
+        if window is None:
+            window = windows[identity] = _Window()
+        else:
+            windows.move_to_end(identity)
+        window.touched = now
+        stamps = window.stamps
+        day_ago = now - DAY_NS
+        if stamps and stamps[0] < day_ago:
+            del stamps[: bisect_left(stamps, day_ago)]
+        if not stamps or stamps[-1] <= now:
+            stamps.append(now)
+        else:
+            # The clock went backwards: keep the list sorted, as a sorted set is.
+            insort(stamps, now)
+        day_count = len(stamps)
+        hour_count = day_count - bisect_right(stamps, now - HOUR_NS)
+        return Verdict(not exceeds(quota, hour_count, day_count), hour_count, day_count)
+
+    def check(self, identity: str, quota: Quota) -> defer.Deferred[Verdict]:
+        """L{step}, as the L{RateLimiter} interface asks; never fails."""
+        return defer.succeed(self.step(identity, quota))
+
+    def _forgetIdle(self, now: int) -> None:
+        windows = self._windows
+        expired = now - KEY_TTL_NS
+        while windows:
+            oldest = next(iter(windows.values()))
+            if oldest.touched > expired:
+                break
+            windows.popitem(last=False)
+
+
+class RedisRateLimiter:
+    """
+    The windows in Redis, shared by every daemon (and every Go adapter)
+    that uses the same Redis: several instances enforce one quota.
+
+    The script is loaded with the first EVAL and then run by its hash; when
+    Redis answers NOSCRIPT (it restarted or its script cache was flushed)
+    the step is sent again with the script itself.  Every command has the
+    Redis client's deadline, so a dead Redis costs at most that long.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        clock: IReactorTime,
+        metrics: Metrics,
+        suffix: Callable[[], str] = random_suffix,
+    ) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._suffix = suffix
+        self._errors = metrics.ratelimit_backend_errors.labels("check")
+        self._loaded = False
+
+    def check(self, identity: str, quota: Quota) -> defer.Deferred[Verdict]:
+        now = unix_ns(self._clock)
+        args = (
+            1,
+            window_key(identity),
+            quota.per_hour,
+            quota.per_day,
+            now,
+            now - HOUR_NS,
+            now - DAY_NS,
+            self._suffix(),
+            KEY_TTL_SECONDS,
+        )
+        if self._loaded:
+            d = self._redis.execute("EVALSHA", SCRIPT_SHA, *args)
+            d.addErrback(self._reload, args)
+        else:
+            d = self._eval(args)
+        d.addCallback(self._verdict)
+        d.addErrback(self._failed)
+        return d
+
+    def _eval(self, args: tuple[Any, ...]) -> defer.Deferred[Any]:
+        def loaded(result: Any) -> Any:
+            self._loaded = True
+            return result
+
+        return self._redis.execute("EVAL", SCRIPT, *args).addCallback(loaded)
+
+    def _reload(self, failure: Failure, args: tuple[Any, ...]) -> defer.Deferred[Any] | Failure:
+        if str(failure.value).startswith("NOSCRIPT"):
+            log.info("Redis lost the rate-limit script; sending it again")
+            self._loaded = False
+            return self._eval(args)
+        return failure
+
+    def _verdict(self, reply: Any) -> Verdict:
+        if (
+            not isinstance(reply, list)
+            or len(reply) != 3
+            or not all(isinstance(value, int) for value in reply)
+        ):
+            raise RateLimitError(f"unexpected reply from the rate-limit script: {reply!r}")
+        allowed, hour_count, day_count = reply
+        return Verdict(allowed == 1, hour_count, day_count)
+
+    def _failed(self, failure: Failure) -> Failure:
+        self._errors.inc()
+        log.warn("Rate-limit check failed: {error}", error=failure.value)
+        if failure.check(RateLimitError):
+            return failure
+        return Failure(RateLimitError(f"{type(failure.value).__name__}: {failure.value}"))
+
+
+def makeRateLimiter(
+    config: Config, clock: IReactorTime, redis: RedisClient | None, metrics: Metrics
+) -> RateLimiter:
+    """
+    The rate limiter the daemon uses: in Redis when the daemon has a Redis
+    client (C{REDIS_URL}), else in memory.
+    """
+    if redis is not None:
+        return RedisRateLimiter(redis, clock, metrics)
+    return MemoryRateLimiter(clock)
