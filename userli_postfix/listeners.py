@@ -57,6 +57,8 @@ class ReplyQueue:
                 # The common case of a cached answer: nothing to wait for.
                 if not self.closed:
                     self._write(reply)
+                # A request was answered: the wait for the next one starts now.
+                self._on_change()
                 return
             self._slots.append([reply])
             self._on_change()
