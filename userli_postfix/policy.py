@@ -1,0 +1,392 @@
+"""
+The Postfix policy service (``SMTPD_POLICY_README``) and the sending-quota
+decision it asks for.
+
+Postfix, with ``smtpd_end_of_data_restrictions = check_policy_service
+inet:HOST:10003``, asks once per message at the end of DATA.  The protocol
+class only frames: ``name=value`` lines up to an empty line in, one
+``action=...`` line and an empty line out.  L{QuotaPolicy} decides: who is
+sending, what their quota is, and whether this message is within it.
+
+Every failure (API, Redis, a bug) answers ``DUNNO``: a policy server that
+fails makes Postfix defer mail, and a quota is not worth bouncing mail for.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from userli_postfix.addresses import normalise_address
+from userli_postfix.config import Config
+from userli_postfix.listeners import MAX_CONNECTIONS, LimitedFactory, ServingMixin
+from userli_postfix.metrics import Metrics
+from userli_postfix.ratelimit import RateLimiter, Verdict
+from userli_postfix.userli import Quota, UserliClient
+
+log = Logger()
+
+# Postfix's longest attributes (certificate subjects, client names, SMTPUTF8
+# addresses) are a few hundred bytes; a line far beyond that is not Postfix.
+MAX_LINE = 8192
+# Postfix sends about 40 attributes per request.
+MAX_ATTRIBUTES = 256
+# Longer than Postfix's smtpd_policy_service_max_idle (300 s), so Postfix,
+# not us, normally ends an idle connection and never finds it closed under
+# its feet.
+IDLE_TIMEOUT = 330.0
+
+# Enough for every sender of a large installation within QUOTA_CACHE_TTL.
+QUOTA_CACHE_ENTRIES = 100_000
+
+END_OF_MESSAGE = "END-OF-MESSAGE"
+DUNNO = "DUNNO"
+DEFAULT_REJECT_TEXT = "Rate limit exceeded, please try again later"
+
+# A 404 (neither a user nor an alias) limits nothing, exactly like a quota
+# of 0/0, and is cached the same way.
+NO_QUOTA = Quota(per_hour=0, per_day=0)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRequest:
+    """
+    The attributes of one policy request that the daemon knows; every other
+    attribute is ignored (Postfix adds new ones over time).  A missing
+    attribute is the empty string, as Postfix sends absent values.
+    """
+
+    request: str = ""
+    protocol_state: str = ""
+    protocol_name: str = ""
+    sender: str = ""
+    recipient: str = ""
+    recipient_count: str = ""
+    client_address: str = ""
+    client_name: str = ""
+    sasl_method: str = ""
+    sasl_username: str = ""
+    size: str = ""
+    queue_id: str = ""
+    instance: str = ""
+
+
+_FIELDS: dict[bytes, str] = {
+    name.encode("ascii"): name for name in PolicyRequest.__dataclass_fields__
+}
+
+
+def parse_attribute(line: bytes) -> tuple[str, str] | None:
+    """
+    One ``name=value`` line as (field, value) when it is an attribute
+    L{PolicyRequest} keeps; C{None} for anything else.  A line ending in
+    CR (typed by hand through a terminal) is accepted too.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    name, equals, value = line.partition(b"=")
+    field = _FIELDS.get(name)
+    if field is None or not equals:
+        return None
+    return field, value.decode("utf-8", "replace")
+
+
+def one_line(text: str) -> str:
+    """C{text} with every run of whitespace (line breaks included) made one space."""
+    return " ".join(text.split())
+
+
+class QuotaSource:
+    """
+    Sending quotas from the Userli API, kept for C{ttl} seconds so that a
+    burst from one sender costs one API call, and asked once at a time per
+    identity however many messages wait for the answer.
+
+    Failures are never kept: the next message asks again.
+    """
+
+    def __init__(
+        self,
+        client: UserliClient,
+        clock: IReactorTime,
+        ttl: float,
+        max_entries: int = QUOTA_CACHE_ENTRIES,
+    ) -> None:
+        self._client = client
+        self._clock = clock
+        self._ttl = ttl
+        self._max = max_entries
+        # Oldest first; with one TTL for all, insertion order is expiry order.
+        self._entries: OrderedDict[str, tuple[float, Quota]] = OrderedDict()
+        self._inflight: dict[str, list[defer.Deferred[Quota]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, identity: str) -> Quota | None:
+        """The kept quota of C{identity}, or C{None} when there is none (fresh)."""
+        entry = self._entries.get(identity)
+        if entry is None or entry[0] <= self._clock.seconds():
+            return None
+        return entry[1]
+
+    def fetch(self, identity: str) -> defer.Deferred[Quota]:
+        """
+        Ask the API for C{identity}'s quota (L{NO_QUOTA} when Userli does not
+        know it), sharing a call already in flight; fails with the client's
+        L{UserliError}.
+        """
+        waiter: defer.Deferred[Quota] = defer.Deferred()
+        waiters = self._inflight.get(identity)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._inflight[identity] = [waiter]
+        d = self._client.smtp_quota(identity)
+        d.addBoth(self._answered, identity)
+        return waiter
+
+    def _answered(self, result: Quota | Failure | None, identity: str) -> None:
+        waiters = self._inflight.pop(identity)
+        if isinstance(result, Failure):
+            for waiter in waiters:
+                waiter.errback(result)
+            return
+        quota = NO_QUOTA if result is None else result
+        self._keep(identity, quota)
+        for waiter in waiters:
+            waiter.callback(quota)
+
+    def _keep(self, identity: str, quota: Quota) -> None:
+        if self._ttl <= 0:
+            return
+        now = self._clock.seconds()
+        entries = self._entries
+        entries.pop(identity, None)
+        entries[identity] = (now + self._ttl, quota)
+        while entries:
+            expires, _ = next(iter(entries.values()))
+            if expires > now and len(entries) <= self._max:
+                break
+            entries.popitem(last=False)
+
+
+class QuotaPolicy:
+    """
+    The sending-quota decision of compatibility.md ("Rate limiting"), with
+    the identity normalised like a lookup key so that one mailbox has one
+    quota however its owner spells the login.
+
+    L{decide} returns the action (without ``action=``), or a Deferred of it
+    that never fails.
+    """
+
+    def __init__(
+        self,
+        client: UserliClient,
+        limiter: RateLimiter,
+        clock: IReactorTime,
+        metrics: Metrics,
+        delimiter: str = "",
+        message: str = DEFAULT_REJECT_TEXT,
+        cache_ttl: float = 30.0,
+    ) -> None:
+        self._quotas = QuotaSource(client, clock, cache_ttl)
+        self._limiter = limiter
+        self._clock = clock
+        self._delimiter = delimiter
+        self._reject = "REJECT " + (one_line(message) or DEFAULT_REJECT_TEXT)
+        self._checked = metrics.quota_checks.labels("checked")
+        self._exceeded = metrics.quota_exceeded
+        # Bound once: labels() is a dictionary lookup under a lock, and this
+        # runs for every message.
+        self._outcomes = {
+            (stage, action): (
+                metrics.policy_requests.labels(stage, action),
+                metrics.policy_request_duration.labels(stage, action),
+            )
+            for stage, action in (
+                ("skip", "dunno"),
+                ("check", "dunno"),
+                ("check", "reject"),
+                ("check", "error"),
+            )
+        }
+
+    def decide(self, request: PolicyRequest) -> str | defer.Deferred[str]:
+        """The action for C{request}."""
+        started = self._clock.seconds()
+        if request.protocol_state != END_OF_MESSAGE:
+            return self._done("skip", "dunno", started, DUNNO)
+        raw = request.sasl_username or request.sender
+        if not raw:
+            return self._done("check", "dunno", started, DUNNO)
+        identity = normalise_address(raw, self._delimiter)
+        if identity is None:
+            log.debug("No quota for {identity!r}: not an address", identity=raw)
+            return self._done("check", "dunno", started, DUNNO)
+        quota = self._quotas.peek(identity)
+        if quota is not None:
+            return self._limit(quota, identity, started)
+        d = self._quotas.fetch(identity).addCallbacks(
+            self._limit,
+            self._noQuota,
+            callbackArgs=(identity, started),
+            errbackArgs=(identity, started),
+        )
+        return d.addErrback(self._bug, started)
+
+    def _limit(self, quota: Quota, identity: str, started: float) -> str | defer.Deferred[str]:
+        if quota.unlimited:
+            return self._done("check", "dunno", started, DUNNO)
+        self._checked.inc()
+        d = self._limiter.check(identity, quota).addCallbacks(
+            self._judge,
+            self._noWindow,
+            callbackArgs=(identity, quota, started),
+            errbackArgs=(started,),
+        )
+        return d.addErrback(self._bug, started)
+
+    def _judge(self, verdict: Verdict, identity: str, quota: Quota, started: float) -> str:
+        if verdict.allowed:
+            return self._done("check", "dunno", started, DUNNO)
+        self._exceeded.inc()
+        log.info(
+            "Sending quota exceeded by {identity}: {hour}/{per_hour} this hour, "
+            "{day}/{per_day} today (0 = unlimited)",
+            identity=identity,
+            hour=verdict.hour_count,
+            per_hour=quota.per_hour,
+            day=verdict.day_count,
+            per_day=quota.per_day,
+        )
+        return self._done("check", "reject", started, self._reject)
+
+    def _noQuota(self, failure: Failure, identity: str, started: float) -> str:
+        log.warn(
+            "Quota of {identity} unavailable, message allowed: {error}",
+            identity=identity,
+            error=failure.value,
+        )
+        return self._done("check", "error", started, DUNNO)
+
+    def _noWindow(self, failure: Failure, started: float) -> str:
+        # The limiter has logged and counted the backend failure.
+        return self._done("check", "error", started, DUNNO)
+
+    def _bug(self, failure: Failure, started: float) -> str:
+        log.failure("Policy decision failed, message allowed", failure)
+        return self._done("check", "error", started, DUNNO)
+
+    def _done(self, stage: str, action: str, started: float, answer: str) -> str:
+        requests, duration = self._outcomes[stage, action]
+        requests.inc()
+        duration.observe(self._clock.seconds() - started)
+        return answer
+
+
+def _frame(action: str) -> bytes:
+    return b"action=" + action.encode("utf-8") + b"\n\n"
+
+
+_DUNNO_REPLY = _frame(DUNNO)
+
+
+class PolicyProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
+    """
+    One Postfix policy connection: requests one after another, each
+    answered in order, the connection kept open between them.  A line
+    longer than L{MAX_LINE} or a request of more than L{MAX_ATTRIBUTES}
+    lines cannot be Postfix: that connection (only) is closed.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+    factory: PolicyFactory
+
+    def connectionMade(self) -> None:
+        self._attributes: dict[str, str] = {}
+        self._lines = 0
+        super().connectionMade()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        if not line or line == b"\r":
+            request = PolicyRequest(**self._attributes)
+            self._attributes = {}
+            self._lines = 0
+            self.reply(self._answer(request))
+            return
+        self._lines += 1
+        if self._lines > MAX_ATTRIBUTES:
+            log.warn("Closing a policy connection: more than {n} attributes", n=MAX_ATTRIBUTES)
+            self.transport.loseConnection()  # type: ignore[attr-defined]
+            return
+        attribute = parse_attribute(line)
+        if attribute is not None:
+            self._attributes[attribute[0]] = attribute[1]
+
+    def _answer(self, request: PolicyRequest) -> bytes | defer.Deferred[bytes]:
+        try:
+            action = self.factory.policy.decide(request)
+        except Exception:
+            log.failure("Policy decision failed, message allowed")
+            return _DUNNO_REPLY
+        if isinstance(action, str):
+            return _DUNNO_REPLY if action == DUNNO else _frame(action)
+        return action.addCallback(_frame)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.warn("Closing a policy connection: line longer than {n} bytes", n=MAX_LINE)
+        self.transport.loseConnection()  # type: ignore[attr-defined]
+
+
+class PolicyFactory(LimitedFactory):
+    """Builds policy connections, at most 500 at a time."""
+
+    protocol = PolicyProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        policy: QuotaPolicy,
+        metrics: Metrics,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        super().__init__(
+            clock,
+            idle_timeout,
+            active=metrics.policy_active_connections,
+            refused=metrics.policy_connection_pool_full,
+            max_connections=max_connections,
+        )
+        self.policy = policy
+
+
+def makePolicyFactory(
+    config: Config,
+    clock: IReactorTime,
+    client: UserliClient,
+    metrics: Metrics,
+    limiter: RateLimiter,
+) -> PolicyFactory:
+    """The policy listener's factory, as configured."""
+    policy = QuotaPolicy(
+        client,
+        limiter,
+        clock,
+        metrics,
+        delimiter=config.recipient_delimiter,
+        message=config.rate_limit_message,
+        cache_ttl=config.quota_cache_ttl,
+    )
+    return PolicyFactory(clock, policy, metrics)
