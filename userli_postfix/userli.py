@@ -190,6 +190,7 @@ class UserliClient:
         timeout: float | None = None,
     ) -> defer.Deferred[T]:
         started = self._clock.seconds()
+        deadline = self._timeout if timeout is None else timeout
         status_label = ["error"]
 
         def gotResponse(response: IResponse) -> defer.Deferred[tuple[int, bytes]]:
@@ -211,7 +212,7 @@ class UserliClient:
             self._metrics.http_client_duration.labels(endpoint, code).observe(elapsed)
             if isinstance(result, Failure):
                 if result.check(defer.TimeoutError, defer.CancelledError):
-                    return Failure(UserliError(f"no answer within {self._timeout:g} s"))
+                    return Failure(UserliError(f"no answer within {deadline:g} s"))
                 if not result.check(UserliError):
                     return Failure(UserliError(f"{type(result.value).__name__}: {result.value}"))
             return result
@@ -222,7 +223,7 @@ class UserliClient:
         )
         d.addCallback(gotResponse)
         d.addCallback(decode)
-        d.addTimeout(self._timeout if timeout is None else timeout, self._clock)
+        d.addTimeout(deadline, self._clock)
         d.addBoth(observe)
         return d
 
