@@ -519,8 +519,11 @@ class FailureModeTests(SynchronousTestCase):
     def test_custom_timeout(self) -> None:
         """A shorter deadline (the readiness check's 2 s) is honoured."""
         d = self.client().domain("health-check.invalid", timeout=2.0)
-        self.clock.advance(2)
-        self.failureResultOf(d, UserliError)
+        self.clock.advance(1.999)
+        self.assertNoResult(d)
+        self.clock.advance(0.001)
+        failure = self.failureResultOf(d, UserliError)
+        self.assertIn("2 s", str(failure.value))
 
     def test_every_endpoint_bounded(self) -> None:
         """Every endpoint, the login included, has the deadline."""
