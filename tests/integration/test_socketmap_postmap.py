@@ -414,6 +414,21 @@ class TestRedisLayout:
         assert found(daemon, "mailbox", f"legacy@{DOMAIN}") == "1"
         assert fake_userli.requests() == []
 
+    def test_shared_across_restarts(
+        self, start_daemon: StartDaemon, fake_userli: FakeUserliServer, redis_server: RedisServer
+    ) -> None:
+        """
+        What one daemon cached in Redis, the next one serves while Userli is
+        down: the cache outlives the process, as with the Go program.
+        """
+        first = start_daemon(redis=redis_server)
+        assert found(first, "alias", f"team@{DOMAIN}") == f"{ALICE},{BOB}"
+        first.kill()
+        fake_userli.set_mode(REFUSED)
+        second = start_daemon(redis=redis_server)
+        assert found(second, "alias", f"team@{DOMAIN}") == f"{ALICE},{BOB}"
+        assert api_keys(fake_userli, "alias") == [f"team@{DOMAIN}"]
+
     def test_failures_not_written(
         self, start_daemon: StartDaemon, fake_userli: FakeUserliServer, redis_server: RedisServer
     ) -> None:
@@ -438,9 +453,15 @@ class TestRedisLayout:
         assert found(daemon, "alias", f"team@{DOMAIN}") == f"{ALICE},{BOB}"
         assert found(daemon, "mailbox", ALICE) == "1"
         redis_server.start()
+        fresh = iter(range(1_000_000))
 
         def cached() -> bool:
-            found(daemon, "domain", DOMAIN)
-            return redis_server.command("GET", f"userli:lookup:domain:{DOMAIN}") == "OK 1"
+            # A new mailbox each time: an answer the daemon already holds in
+            # memory would never be written to Redis again.
+            key = f"new{next(fresh)}@{DOMAIN}"
+            data = fake_userli.data
+            data.users = {**data.users, key: "password"}
+            found(daemon, "mailbox", key)
+            return redis_server.command("GET", f"userli:lookup:mailbox:{key}") == "OK 1"
 
         wait_for(cached, "the daemon to write to Redis again after it came back")
