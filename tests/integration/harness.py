@@ -5,7 +5,8 @@ C{twistd}, and Postfix's C{postmap} as a socketmap client.
 The API is small on purpose:
 
  - L{free_port}() -> int
- - L{RedisServer}(directory).start() / .stop() / .restart() / .command(*args) / .url
+ - L{RedisServer}(directory, port=None, arguments=()).start() / .stop() /
+   .restart() / .kill() / .pid / .command(*args) / .url
  - L{Daemon}(env, directory, ...).start() / .stop() -> exit status / .kill() /
    .output() / .socketmap_target(map) / .socketmap / .policy / .metrics / .sasl
  - L{run_daemon}(env, directory, timeout) -> (exit status, output) for a daemon
@@ -58,6 +59,9 @@ DAEMON_VARIABLES = (
     "SASL_LISTEN_ADDR",
     "RATE_LIMIT_MESSAGE",
     "REDIS_URL",
+    "REDIS_SENTINEL_ADDRS",
+    "REDIS_SENTINEL_MASTER",
+    "REDIS_SENTINEL_PASSWORD",
     "LOOKUP_CACHE_TTL",
     "QUOTA_CACHE_TTL",
     "SASL_FAILURE_DELAY",
@@ -116,13 +120,18 @@ class RedisServer:
     A private C{redis-server} on 127.0.0.1: no persistence, its own
     directory, a fixed port so that L{restart} brings it back where the
     daemon expects it (for outage tests), and a UNIX socket as well.
+    C{arguments} are added to the command line (e.g. C{--replicaof HOST
+    PORT} for a replica).
     """
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, arguments: Sequence[str] = ()
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port if port is not None else free_port()
         self.unix_socket = self.directory / "redis.sock"
+        self.arguments = list(arguments)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -164,6 +173,7 @@ class RedisServer:
                     str(self.directory),
                     "--daemonize",
                     "no",
+                    *self.arguments,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -199,6 +209,21 @@ class RedisServer:
         """Stop and start again on the same port, empty."""
         self.stop()
         self.start()
+
+    @property
+    def pid(self) -> int:
+        """The process id (to pause it with SIGSTOP, for instance)."""
+        assert self._process is not None
+        return self._process.pid
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would end it; L{start} brings it back."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
     def command(self, *args: str | bytes | int) -> object:
         """
