@@ -158,8 +158,13 @@ class FakeUserli:
     mutated, by the setters.
     """
 
-    def __init__(self, data: UserliData | None = None, latency: float = 0.0) -> None:
+    def __init__(
+        self, data: UserliData | None = None, latency: float = 0.0, keep_requests: bool = True
+    ) -> None:
         self.data = data if data is not None else UserliData()
+        #: Whether L{record} keeps requests; a long benchmark run turns it off
+        #: so memory does not grow with every request.
+        self.keep_requests = keep_requests
         #: Seconds every answer is held back, in every mode (benchmarks).
         self.latency = latency
         self.mode = NORMAL
@@ -186,6 +191,8 @@ class FakeUserli:
 
     def record(self, request: ReceivedRequest) -> None:
         """Remember a received request."""
+        if not self.keep_requests:
+            return
         with self._lock:
             self._received.append(request)
 
@@ -557,7 +564,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.data:
         with open(args.data, encoding="utf-8") as f:
             data = UserliData.from_json(json.load(f))
-    fake = FakeUserli(data, latency=args.latency)
+    # Nobody can read the requests of a standalone fake: do not keep them.
+    fake = FakeUserli(data, latency=args.latency, keep_requests=False)
     fake.set_mode(args.mode, args.delay)
     port = reactor.listenTCP(  # type: ignore[attr-defined]
         args.port, FakeUserliSite(fake, reactor), backlog=1024, interface=args.host
