@@ -35,7 +35,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from twisted.internet import threads
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
@@ -339,7 +340,7 @@ class FakeUserliResource(resource.Resource):
         if mode == REFUSED:
             # A request on a connection opened before the switch: drop it,
             # as a dead server would.
-            request.transport.abortConnection()
+            request.transport.abortConnection()  # type: ignore[union-attr]
             return server.NOT_DONE_YET
         delay = self.fake.latency + (self.fake.delay if mode == SLOW else 0.0)
         if delay <= 0:
@@ -398,7 +399,7 @@ class _TrackingChannel(http.HTTPChannel):
         super().connectionMade()
         self.site.channels.add(self)  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.channels.discard(self)  # type: ignore[attr-defined]
         super().connectionLost(reason)
 
@@ -406,20 +407,20 @@ class _TrackingChannel(http.HTTPChannel):
 class FakeUserliSite(server.Site):
     """A quiet site that knows its open connections."""
 
-    protocol = _TrackingChannel
+    protocol = _TrackingChannel  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, fake: FakeUserli, reactor: IReactorTime) -> None:
         super().__init__(FakeUserliResource(fake, reactor), reactor=reactor)
         self.channels: set[_TrackingChannel] = set()
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log: benchmarks send thousands of requests a second."""
 
     def dropConnections(self) -> None:
         """Abort every open connection, as a crashed server would."""
         for channel in list(self.channels):
-            channel.transport.abortConnection()
+            channel.transport.abortConnection()  # type: ignore[union-attr]
 
 
 def _privateReactor() -> Any:
@@ -488,7 +489,7 @@ class FakeUserliServer:
         if self._thread is None:
             return
         self._call(self._unlisten)
-        reactor: IReactorCore = self._reactor
+        reactor: Any = self._reactor
         reactor.callFromThread(reactor.stop)
         self._thread.join(timeout=30)
         self._thread = None
@@ -501,7 +502,7 @@ class FakeUserliServer:
             self._listening = self._reactor.listenTCP(
                 self.port, self._site, backlog=1024, interface=self.host
             )
-            self.port = self._listening.getHost().port
+            self.port = self._listening.getHost().port  # type: ignore[union-attr]
 
     def _unlisten(self) -> Any:
         assert self._site is not None
@@ -558,8 +559,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="extra hold-back in slow mode")
     args = parser.parse_args(list(argv) if argv is not None else None)
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    # The installed reactor, typed as the module attribute it is not.
+    reactor: Any = installed
     data = None
     if args.data:
         with open(args.data, encoding="utf-8") as f:
@@ -567,11 +570,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     # Nobody can read the requests of a standalone fake: do not keep them.
     fake = FakeUserli(data, latency=args.latency, keep_requests=False)
     fake.set_mode(args.mode, args.delay)
-    port = reactor.listenTCP(  # type: ignore[attr-defined]
-        args.port, FakeUserliSite(fake, reactor), backlog=1024, interface=args.host
-    )
+    site = FakeUserliSite(fake, reactor)
+    port = reactor.listenTCP(args.port, site, backlog=1024, interface=args.host)
     print(f"listening on http://{args.host}:{port.getHost().port}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":
