@@ -60,9 +60,12 @@ class WindowArithmeticMixin:
         self.limiter = self.makeLimiter(self.clock)
 
     def step(self, quota: Quota, identity: str = "limited@example.org") -> Verdict:
-        result: Verdict = self.successResultOf(  # type: ignore[attr-defined]
-            self.limiter.check(identity, quota)
-        )
+        result = self.limiter.check(identity, quota)
+        if isinstance(result, defer.Deferred):
+            # The Redis backend sends what was asked in one turn of the reactor.
+            self.clock.advance(0)
+            verdict: Verdict = self.successResultOf(result)  # type: ignore[attr-defined]
+            return verdict
         return result
 
     def steps(self, count: int, quota: Quota, identity: str = "limited@example.org") -> list[bool]:
@@ -236,10 +239,9 @@ class MemoryRateLimiterTests(SynchronousTestCase):
         self.clock.advance(2 * HOUR + 1)
         self.assertEqual(self.limiter.step("a@example.org", quota), Verdict(True, 2, 3))
 
-    def test_checkNeverFails(self) -> None:
-        """C{check} is C{step} behind an already fired Deferred."""
-        verdict = self.successResultOf(self.limiter.check("a@example.org", self.quota))
-        self.assertEqual(verdict, Verdict(True, 1, 1))
+    def test_checkAnswersAtOnce(self) -> None:
+        """C{check} is C{step}: the verdict itself, no Deferred to wait for."""
+        self.assertEqual(self.limiter.check("a@example.org", self.quota), Verdict(True, 1, 1))
 
 
 class ExceedsTests(SynchronousTestCase):
@@ -292,6 +294,7 @@ class RedisRateLimiterTests(SynchronousTestCase):
             self.clock,
             self.metrics,
             suffix=lambda: "0badcafe",
+            max_batch=4,
         )
         self.quota = Quota(per_hour=3, per_day=20)
 
@@ -301,14 +304,19 @@ class RedisRateLimiterTests(SynchronousTestCase):
         )
         return value or 0.0
 
+    def check(self, identity: str = "limited@example.org") -> defer.Deferred[Verdict]:
+        """One check, sent at once (the end of the reactor's turn)."""
+        d = self.limiter.check(identity, self.quota)
+        self.clock.advance(0)
+        return d
+
     def test_goLayout(self) -> None:
         """
         The step is the script with the Go program's key, nanosecond
         timestamps, member suffix and 25 h TTL.
         """
         self.redis.results.append([1, 1, 1])
-        verdict = self.successResultOf(self.limiter.check("limited@example.org", self.quota))
-        self.assertEqual(verdict, Verdict(True, 1, 1))
+        self.assertEqual(self.successResultOf(self.check()), Verdict(True, 1, 1))
         now = 1_700_000_000 * 10**9
         self.assertEqual(
             self.redis.commands,
@@ -318,32 +326,81 @@ class RedisRateLimiterTests(SynchronousTestCase):
                     SCRIPT,
                     1,
                     "userli:ratelimit:sender:limited@example.org",
+                    90000,
                     3,
                     20,
                     now,
                     now - 3600 * 10**9,
                     now - 86400 * 10**9,
                     "0badcafe",
-                    90000,
                 )
             ],
         )
         self.assertEqual(KEY_TTL_SECONDS, 25 * 3600)
         self.assertEqual((HOUR_NS, DAY_NS), (3600 * 10**9, 86400 * 10**9))
 
+    def test_oneTurnOneCall(self) -> None:
+        """
+        Steps asked for in the same turn of the reactor share one script
+        call, each with its own limits, and each gets its own verdict.
+        """
+        self.redis.results.append([1, 1, 1, 0, 4, 4, 1, 2, 9])
+        first = self.limiter.check("a@example.org", Quota(5, 0))
+        second = self.limiter.check("b@example.org", Quota(3, 0))
+        third = self.limiter.check("a@example.org", Quota(0, 10))
+        self.assertEqual(self.redis.commands, [])
+        self.clock.advance(0)
+        self.assertEqual(
+            [self.successResultOf(d) for d in (first, second, third)],
+            [Verdict(True, 1, 1), Verdict(False, 4, 4), Verdict(True, 2, 9)],
+        )
+        ((_, _, count, *rest),) = self.redis.commands
+        self.assertEqual(count, 3)
+        keys, ttl, args = rest[:3], rest[3], rest[4:]
+        self.assertEqual(
+            keys,
+            [
+                "userli:ratelimit:sender:a@example.org",
+                "userli:ratelimit:sender:b@example.org",
+                "userli:ratelimit:sender:a@example.org",
+            ],
+        )
+        self.assertEqual(ttl, 90000)
+        now = 1_700_000_000 * 10**9
+        self.assertEqual(
+            args,
+            [
+                *(5, 0, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
+                *(3, 0, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
+                *(0, 10, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
+            ],
+        )
+
+    def test_fullBatchSentAtOnce(self) -> None:
+        """A full batch goes out without waiting for the end of the turn."""
+        self.redis.results.extend([[1, 1, 1] * 4, [1, 5, 5]])
+        pending = [self.limiter.check("limited@example.org", self.quota) for _ in range(5)]
+        self.assertEqual(len(self.redis.commands), 1)
+        self.assertEqual(self.redis.commands[0][2], 4)
+        self.clock.advance(0)
+        self.assertEqual(len(self.redis.commands), 2)
+        self.assertEqual(self.redis.commands[1][2], 1)
+        self.assertEqual(self.successResultOf(pending[4]), Verdict(True, 5, 5))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_scriptSentOnceThenByHash(self) -> None:
         """After one EVAL the script is run by its SHA-1."""
         self.redis.results.extend([[1, 1, 1], [1, 2, 2], [0, 4, 4]])
         for _ in range(3):
-            self.limiter.check("limited@example.org", self.quota)
+            self.check()
         self.assertEqual([c[0] for c in self.redis.commands], ["EVAL", "EVALSHA", "EVALSHA"])
         self.assertEqual(self.redis.commands[1][1], SCRIPT_SHA)
         self.assertEqual(SCRIPT_SHA, hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest())
 
     def test_noscriptFallsBackToEval(self) -> None:
         """
-        When Redis lost the script (restart, SCRIPT FLUSH) the step is sent
-        again with the script, and later steps use the hash again.
+        When Redis lost the script (restart, SCRIPT FLUSH) the call is sent
+        again with the script, and later calls use the hash again.
         """
         self.redis.results.extend(
             [
@@ -353,10 +410,9 @@ class RedisRateLimiterTests(SynchronousTestCase):
                 [0, 3, 3],
             ]
         )
-        self.successResultOf(self.limiter.check("limited@example.org", self.quota))
-        verdict = self.successResultOf(self.limiter.check("limited@example.org", self.quota))
-        self.assertEqual(verdict, Verdict(False, 2, 2))
-        self.successResultOf(self.limiter.check("limited@example.org", self.quota))
+        self.successResultOf(self.check())
+        self.assertEqual(self.successResultOf(self.check()), Verdict(False, 2, 2))
+        self.successResultOf(self.check())
         self.assertEqual(
             [c[0] for c in self.redis.commands], ["EVAL", "EVALSHA", "EVAL", "EVALSHA"]
         )
@@ -366,20 +422,21 @@ class RedisRateLimiterTests(SynchronousTestCase):
 
     def test_unavailable(self) -> None:
         """
-        Redis down: the check fails with L{RateLimitError} and the backend
-        error counter grows.
+        Redis down: every check of the call fails with L{RateLimitError}
+        and the backend error counter grows by one for each.
         """
         self.redis.results.append(RedisUnavailable("not connected"))
-        failure = self.failureResultOf(
-            self.limiter.check("limited@example.org", self.quota), RateLimitError
-        )
-        self.assertIn("not connected", str(failure.value))
-        self.assertEqual(self.errors(), 1)
+        pending = [self.limiter.check("limited@example.org", self.quota) for _ in range(3)]
+        self.clock.advance(0)
+        for d in pending:
+            failure = self.failureResultOf(d, RateLimitError)
+            self.assertIn("not connected", str(failure.value))
+        self.assertEqual(self.errors(), 3)
 
     def test_errorReply(self) -> None:
         """An error reply other than NOSCRIPT is a backend failure too."""
         self.redis.results.append(txredisapi.ResponseError("OOM command not allowed"))
-        self.failureResultOf(self.limiter.check("limited@example.org", self.quota), RateLimitError)
+        self.failureResultOf(self.check(), RateLimitError)
         self.assertEqual(self.errors(), 1)
 
     def test_failedReload(self) -> None:
@@ -391,18 +448,16 @@ class RedisRateLimiterTests(SynchronousTestCase):
                 RedisUnavailable("no reply within 0.5 s"),
             ]
         )
-        self.successResultOf(self.limiter.check("limited@example.org", self.quota))
-        self.failureResultOf(self.limiter.check("limited@example.org", self.quota), RateLimitError)
+        self.successResultOf(self.check())
+        self.failureResultOf(self.check(), RateLimitError)
         self.assertEqual(self.errors(), 1)
 
     def test_unexpectedReply(self) -> None:
-        """A reply that is not three integers is a backend failure."""
-        for reply in ([1, 2], "OK", None, [1, "2", 3]):
+        """A reply that is not three integers per step is a backend failure."""
+        for reply in ([1, 2], [1, 1, 1, 1, 1, 1], "OK", None, [1, "2", 3], [True, 1, 1]):
             self.redis.results.append(reply)
-            self.failureResultOf(
-                self.limiter.check("limited@example.org", self.quota), RateLimitError
-            )
-        self.assertEqual(self.errors(), 4)
+            self.failureResultOf(self.check(), RateLimitError)
+        self.assertEqual(self.errors(), 6)
 
 
 class HelpersTests(SynchronousTestCase):

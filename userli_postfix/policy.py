@@ -246,7 +246,10 @@ class QuotaPolicy:
         if quota.unlimited:
             return self._done("check", "dunno", started, DUNNO)
         self._checked.inc()
-        d = self._limiter.check(identity, quota).addCallbacks(
+        verdict = self._limiter.check(identity, quota)
+        if isinstance(verdict, Verdict):
+            return self._judge(verdict, identity, quota, started)
+        d = verdict.addCallbacks(
             self._judge,
             self._noWindow,
             callbackArgs=(identity, quota, started),
@@ -317,7 +320,9 @@ class PolicyProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         super().connectionMade()
 
     def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
+        if not self._lines:
+            # Once per request, not per line: a request has about 40 lines.
+            self.resetTimeout()
         if not line or line == b"\r":
             request = PolicyRequest(**self._attributes)
             self._attributes = {}

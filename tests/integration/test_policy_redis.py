@@ -100,6 +100,20 @@ class RedisWindowArithmeticTests(RedisTestMixin, WindowArithmeticMixin, Synchron
         self.assertEqual(self.step(quota), Verdict(False, 3, 3))
         self.assertEqual(self.redis.commands, ["EVAL", "EVALSHA", "EVALSHA", "EVAL"])
 
+    def test_oneTurn(self) -> None:
+        """
+        Steps of one turn of the reactor, run by one script call, are each
+        atomic and run in order, whatever their keys.
+        """
+        quota = Quota(per_hour=3, per_day=0)
+        identities = ["a@example.org", "b@example.org"] * 4 + ["a@example.org"]
+        pending = [self.limiter.check(identity, quota) for identity in identities]
+        self.clock.advance(0)
+        verdicts = [self.successResultOf(d) for d in pending]  # type: ignore[arg-type]
+        self.assertEqual([v.hour_count for v in verdicts], [1, 1, 2, 2, 3, 3, 4, 4, 5])
+        self.assertEqual([v.allowed for v in verdicts], [True] * 6 + [False] * 3)
+        self.assertEqual(self.redis.commands, ["EVAL"])
+
 
 class GoLayoutTests(RedisTestMixin, SynchronousTestCase):
     """
@@ -136,7 +150,9 @@ class GoLayoutTests(RedisTestMixin, SynchronousTestCase):
         return not (0 < quota.per_hour < hour or 0 < quota.per_day < day)
 
     def step(self, quota: Quota) -> Verdict:
-        verdict: Verdict = self.successResultOf(self.limiter.check(LIMITED, quota))
+        d = self.limiter.check(LIMITED, quota)
+        self.clock.advance(0)
+        verdict: Verdict = self.successResultOf(d)
         return verdict
 
     def test_goWindowContinued(self) -> None:
