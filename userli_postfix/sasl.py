@@ -419,8 +419,10 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         # A new AUTH replaces whatever this id had pending.
         self._forget(request_id)
         log.debug(
-            "SASL AUTH id={id} mechanism={mechanism} rip={remote} initial_response={initial}",
+            "SASL AUTH id={id} mechanism={mechanism} rip={remote} initial_response={initial} "
+            "client_pid={client}",
             id=request_id,
+            client=self.clientPid,
             mechanism=mechanism if mechanism in MECHANISMS else UNSUPPORTED,
             remote=remote,
             initial="yes" if response is not None else "no",
