@@ -25,7 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from userli_postfix import __version__
-from userli_postfix.cache import LookupCache, MemoryCache, RedisCache
+from userli_postfix.cache import LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import SETTINGS, Config, ConfigError
 from userli_postfix.listeners import LimitedFactory
 from userli_postfix.logs import makeObserver
@@ -182,7 +182,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     if config.lookup_cache_ttl <= 0:
         cache = None
     elif redis is not None:
-        cache = RedisCache(redis, config.lookup_cache_ttl)
+        cache = NearCache(
+            RedisCache(redis, config.lookup_cache_ttl), reactor, config.lookup_cache_ttl
+        )
     else:
         cache = MemoryCache(reactor, config.lookup_cache_ttl)
     if redis is None:

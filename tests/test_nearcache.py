@@ -1,0 +1,399 @@
+"""
+Tests for L{userli_postfix.cache.NearCache}, the in-process cache of OK
+answers in front of Redis, and for how L{userli_postfix.lookups.Lookups}
+uses it: a hot key costs no Redis round trip, an entry never outlives the
+Redis entry it copies, and identical lookups in flight share one API call.
+
+Redis is a small fake with expiry on a L{Clock}; replies can be held back
+to test what happens while a command is on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from userli_postfix.cache import (
+    NEAR_CACHE_ENTRIES,
+    NEAR_CACHE_TTL,
+    NearCache,
+    RedisCache,
+    cache_key,
+)
+from userli_postfix.lookups import Lookups
+from userli_postfix.metrics import Metrics
+from userli_postfix.redis import RedisUnavailable
+from userli_postfix.userli import UserliError
+
+
+class FakeRedis:
+    """
+    The part of L{userli_postfix.redis.RedisClient} the cache uses, over a
+    dict with expiry times on C{clock}.
+
+    @ivar commands: every command sent, in order.
+    @ivar hold: when true, commands run at once (as Redis would) but their
+        replies wait in C{held} until L{release}, as if still on the wire.
+    @ivar down: when true, every command fails with L{RedisUnavailable}.
+    @ivar failing: command names that fail with L{RedisUnavailable}.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.data: dict[str, tuple[str, float | None]] = {}
+        self.commands: list[tuple[Any, ...]] = []
+        self.hold = False
+        self.held: list[tuple[defer.Deferred[Any], Any]] = []
+        self.down = False
+        self.failing: set[str] = set()
+
+    def put(self, key: str, value: str, ttl: float | None) -> None:
+        """Store C{value} as another program would (C{ttl} None: no expiry)."""
+        self.data[key] = (value, None if ttl is None else self.clock.seconds() + ttl)
+
+    def _live(self, key: str) -> tuple[str, float | None] | None:
+        entry = self.data.get(key)
+        if entry is not None and entry[1] is not None and entry[1] <= self.clock.seconds():
+            del self.data[key]
+            return None
+        return entry
+
+    def _run(self, command: str, *args: Any) -> Any:
+        if command == "GET":
+            entry = self._live(args[0])
+            return None if entry is None else entry[0]
+        if command == "PTTL":
+            entry = self._live(args[0])
+            if entry is None:
+                return -2
+            if entry[1] is None:
+                return -1
+            return round((entry[1] - self.clock.seconds()) * 1000)
+        if command == "SET":
+            key, value, unit, amount = args
+            seconds = amount if unit == "EX" else amount / 1000.0
+            self.put(key, value, seconds)
+            return "OK"
+        raise AssertionError(f"unexpected command {command}")
+
+    def execute(self, command: str, *args: Any) -> defer.Deferred[Any]:
+        self.commands.append((command, *args))
+        if self.down or command in self.failing:
+            return defer.fail(RedisUnavailable("not connected"))
+        result = self._run(command, *args)
+        if self.hold:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.held.append((d, result))
+            return d
+        return defer.succeed(result)
+
+    def release(self) -> None:
+        """Deliver every held reply, in order."""
+        held, self.held = self.held, []
+        for d, result in held:
+            d.callback(result)
+
+    def names(self) -> list[str]:
+        """The command names sent so far."""
+        return [c[0] for c in self.commands]
+
+
+class NearCacheTests(SynchronousTestCase):
+    """L{NearCache} on its own."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.redis = FakeRedis(self.clock)
+        self.ttl = 300.0
+        self.cache = NearCache(RedisCache(self.redis, self.ttl), self.clock, self.ttl)  # type: ignore[arg-type]
+
+    def test_defaults(self) -> None:
+        """The near-cache keeps answers a few seconds, for a bounded set of keys."""
+        self.assertEqual(NEAR_CACHE_TTL, 5.0)
+        self.assertEqual(NEAR_CACHE_ENTRIES, 20_000)
+
+    def test_set_writes_both(self) -> None:
+        """An answer is written to Redis in the Go layout and kept in the process."""
+        self.cache.set("alias", "a@example.org", b"OK b@example.org")
+        self.assertEqual(
+            self.redis.commands,
+            [("SET", "userli:lookup:alias:a@example.org", "OK b@example.org", "EX", 300)],
+        )
+        self.assertEqual(self.cache.peek("alias", "a@example.org"), b"OK b@example.org")
+
+    def test_hit_costs_no_round_trip(self) -> None:
+        """A key in the near-cache is answered without any Redis command."""
+        self.cache.set("mailbox", "a@example.org", b"OK 1")
+        self.redis.commands.clear()
+        self.assertEqual(self.successResultOf(self.cache.get("mailbox", "a@example.org")), b"OK 1")
+        self.assertEqual(self.cache.peek("mailbox", "a@example.org"), b"OK 1")
+        self.assertEqual(self.redis.commands, [])
+
+    def test_expires_after_near_ttl(self) -> None:
+        """After the near TTL the answer comes from Redis again (and is copied anew)."""
+        self.cache.set("mailbox", "a@example.org", b"OK 1")
+        self.clock.advance(NEAR_CACHE_TTL)
+        self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
+        self.redis.commands.clear()
+        self.assertEqual(self.successResultOf(self.cache.get("mailbox", "a@example.org")), b"OK 1")
+        self.assertEqual(self.redis.names(), ["GET", "PTTL"])
+        self.assertEqual(self.cache.peek("mailbox", "a@example.org"), b"OK 1")
+
+    def test_near_ttl_capped_by_lookup_ttl(self) -> None:
+        """With LOOKUP_CACHE_TTL below the near TTL, entries live LOOKUP_CACHE_TTL."""
+        cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        cache.set("domain", "example.org", b"OK 1")
+        self.clock.advance(1.999)
+        self.assertEqual(cache.peek("domain", "example.org"), b"OK 1")
+        self.clock.advance(0.001)
+        self.assertIsNone(cache.peek("domain", "example.org"))
+
+    def test_copy_never_outlives_redis(self) -> None:
+        """
+        An answer read from Redis with less left than the near TTL (written
+        by another process long ago) is kept only as long as Redis keeps it.
+        """
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 2.0)
+        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+        self.clock.advance(1.999)
+        self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
+        self.clock.advance(0.001)
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+        self.assertIsNone(self.successResultOf(self.cache.get("domain", "example.org")))
+
+    def test_wire_time_deducted(self) -> None:
+        """
+        The time a reply spent on the way back is taken off what Redis said
+        was left, so the copy still expires no later than the original.
+        """
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 3.0)
+        self.redis.hold = True
+        d = self.cache.get("domain", "example.org")
+        self.redis.release()  # the GET reply; PTTL goes out and says 3 s are left
+        self.clock.advance(1.0)  # ... but its reply takes a second to arrive
+        self.redis.release()
+        self.assertEqual(self.successResultOf(d), b"OK 1")
+        # Redis drops it 3 s after the asking; so does the copy, not 3 s
+        # after the reply arrived.
+        self.clock.advance(1.999)
+        self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
+        self.clock.advance(0.001)
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+
+    def test_no_expiry_kept_near_ttl(self) -> None:
+        """A Redis entry without expiry is copied for the near TTL."""
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", None)
+        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+        self.clock.advance(NEAR_CACHE_TTL - 0.001)
+        self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
+        self.clock.advance(0.001)
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+
+    def test_miss_asks_once(self) -> None:
+        """A key Redis does not have costs one GET and nothing is kept."""
+        self.assertIsNone(self.successResultOf(self.cache.get("alias", "x@example.org")))
+        self.assertEqual(self.redis.names(), ["GET"])
+        self.assertIsNone(self.cache.peek("alias", "x@example.org"))
+        self.assertEqual(len(self.cache), 0)
+
+    def test_expired_between_get_and_pttl(self) -> None:
+        """An entry that expires between GET and PTTL is answered but not copied."""
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 1.0)
+        self.redis.hold = True
+        d = self.cache.get("domain", "example.org")
+        self.redis.release()
+        self.clock.advance(1.0)
+        self.redis.release()
+        self.assertEqual(self.successResultOf(d), b"OK 1")
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+
+    def test_pttl_failure(self) -> None:
+        """When PTTL fails the answer is still served, but not copied on a guess."""
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 100.0)
+        self.redis.failing.add("PTTL")
+        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+
+    def test_redis_down(self) -> None:
+        """
+        With Redis down, C{get} of a key not held near fails (the caller
+        counts a cache error and asks the API); held keys still answer.
+        """
+        self.cache.set("domain", "example.org", b"OK 1")
+        self.redis.down = True
+        self.failureResultOf(self.cache.get("alias", "x@example.org"), RedisUnavailable)
+        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+
+    def test_set_survives_redis_down(self) -> None:
+        """A write while Redis is down still fills the near-cache and never fails."""
+        self.redis.down = True
+        self.cache.set("domain", "example.org", b"OK 1")
+        self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
+
+    def test_bounded(self) -> None:
+        """Beyond its size the least recently used entries are dropped."""
+        cache = NearCache(
+            RedisCache(self.redis, self.ttl),  # type: ignore[arg-type]
+            self.clock,
+            self.ttl,
+            max_entries=3,
+        )
+        for name in ("a", "b", "c"):
+            cache.set("mailbox", f"{name}@example.org", b"OK 1")
+        self.assertEqual(cache.peek("mailbox", "a@example.org"), b"OK 1")  # a is now recent
+        cache.set("mailbox", "d@example.org", b"OK 1")
+        self.assertEqual(len(cache), 3)
+        self.assertIsNone(cache.peek("mailbox", "b@example.org"))
+        for name in ("a", "c", "d"):
+            self.assertEqual(cache.peek("mailbox", f"{name}@example.org"), b"OK 1")
+
+    def test_maps_apart(self) -> None:
+        """The same key in two maps is two entries."""
+        self.cache.set("alias", "a@example.org", b"OK b@example.org")
+        self.assertIsNone(self.cache.peek("senders", "a@example.org"))
+
+
+class FakeClient:
+    """
+    The lookups of L{userli_postfix.userli.UserliClient}, answered when the
+    test says so, counting calls.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def _call(self, endpoint: str, key: str) -> defer.Deferred[Any]:
+        self.calls.append((endpoint, key))
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def alias(self, key: str) -> defer.Deferred[Any]:
+        return self._call("alias", key)
+
+    def senders(self, key: str) -> defer.Deferred[Any]:
+        return self._call("senders", key)
+
+    def domain(self, key: str) -> defer.Deferred[Any]:
+        return self._call("domain", key)
+
+    def mailbox(self, key: str) -> defer.Deferred[Any]:
+        return self._call("mailbox", key)
+
+    def answer(self, value: Any) -> None:
+        """Answer every pending call with C{value}."""
+        pending, self.pending = self.pending, []
+        for d in pending:
+            if isinstance(value, Exception):
+                d.errback(Failure(value))
+            else:
+                d.callback(value)
+
+
+def _result(answer: defer.Deferred[bytes] | bytes, case: SynchronousTestCase) -> bytes:
+    return answer if isinstance(answer, bytes) else case.successResultOf(answer)
+
+
+class LookupsWithNearCacheTests(SynchronousTestCase):
+    """L{Lookups} in front of a L{NearCache}."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.redis = FakeRedis(self.clock)
+        self.cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        self.client = FakeClient()
+        self.metrics = Metrics(process=False)
+        self.lookups = Lookups(self.client, self.cache, self.metrics, self.clock, "+")  # type: ignore[arg-type]
+
+    def cacheCount(self, handler: str, result: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "userli_postfix_adapter_lookup_cache_total", {"handler": handler, "result": result}
+        )
+        return value or 0.0
+
+    def test_concurrent_identical_lookups_one_call(self) -> None:
+        """
+        100 identical lookups in flight at once cost one API call, and all
+        get its answer.
+        """
+        answers = [self.lookups.answer(b"mailbox a@example.org") for _ in range(100)]
+        self.assertEqual(self.client.calls, [("mailbox", "a@example.org")])
+        self.client.answer(True)
+        self.assertEqual({_result(a, self) for a in answers}, {b"OK 1"})
+        self.assertEqual(self.client.calls, [("mailbox", "a@example.org")])
+
+    def test_variants_share_one_call(self) -> None:
+        """Keys that normalise alike share the call; each is cached as sent."""
+        first = self.lookups.answer(b"mailbox a+x@example.org")
+        second = self.lookups.answer(b"mailbox A@Example.org")
+        self.assertEqual(self.client.calls, [("mailbox", "a@example.org")])
+        self.client.answer(True)
+        self.assertEqual(_result(first, self), b"OK 1")
+        self.assertEqual(_result(second, self), b"OK 1")
+        self.assertEqual(self.cache.peek("mailbox", "a+x@example.org"), b"OK 1")
+        self.assertEqual(self.cache.peek("mailbox", "A@Example.org"), b"OK 1")
+
+    def test_hot_key_answered_at_once(self) -> None:
+        """
+        Once answered, a key is answered synchronously (no Deferred), with
+        no Redis command and no API call, and counted as a cache hit.
+        """
+        pending = self.lookups.answer(b"domain example.org")
+        self.client.answer(True)
+        self.assertEqual(_result(pending, self), b"OK 1")
+        self.redis.commands.clear()
+        for _ in range(10):
+            self.assertEqual(self.lookups.answer(b"domain example.org"), b"OK 1")
+        self.assertEqual(self.redis.commands, [])
+        self.assertEqual(len(self.client.calls), 1)
+        self.assertEqual(self.cacheCount("domain", "hit"), 10)
+        self.assertEqual(self.cacheCount("domain", "miss"), 1)
+
+    def test_other_process_answer_used(self) -> None:
+        """An answer another process put in Redis is used without an API call."""
+        self.redis.put(cache_key("alias", "info@example.org"), "OK a@example.org", 300)
+        answer = self.lookups.answer(b"alias info@example.org")
+        self.assertEqual(_result(answer, self), b"OK a@example.org")
+        self.assertEqual(self.client.calls, [])
+        self.assertEqual(self.lookups.answer(b"alias info@example.org"), b"OK a@example.org")
+
+    def test_notfound_not_cached(self) -> None:
+        """NOTFOUND is never kept: the next lookup asks again, so a new mailbox works at once."""
+        first = self.lookups.answer(b"mailbox new@example.org")
+        self.client.answer(False)
+        self.assertEqual(_result(first, self), b"NOTFOUND ")
+        self.assertIsNone(self.cache.peek("mailbox", "new@example.org"))
+        second = self.lookups.answer(b"mailbox new@example.org")
+        self.assertEqual(len(self.client.calls), 2)
+        self.client.answer(True)
+        self.assertEqual(_result(second, self), b"OK 1")
+
+    def test_temporary_failure_not_cached(self) -> None:
+        """An API failure is a TEMP answer and is not kept."""
+        answer = self.lookups.answer(b"mailbox a@example.org")
+        self.client.answer(UserliError("boom"))
+        self.assertTrue(_result(answer, self).startswith(b"TEMP "))
+        self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
+        self.assertEqual(len(self.cache), 0)
+
+    def test_invalid_key_never_asked(self) -> None:
+        """A key that fails normalisation is NOTFOUND without Redis or the API."""
+        self.assertEqual(self.lookups.answer(b"mailbox not an address"), b"NOTFOUND ")
+        self.assertEqual(self.redis.commands, [])
+        self.assertEqual(self.client.calls, [])
+
+    def test_redis_down_still_answers(self) -> None:
+        """With Redis down lookups go to the API and answers still fill the near-cache."""
+        self.redis.down = True
+        answer = self.lookups.answer(b"mailbox a@example.org")
+        self.client.answer(True)
+        self.assertEqual(_result(answer, self), b"OK 1")
+        self.assertEqual(self.cacheCount("mailbox", "error"), 1)
+        self.assertEqual(self.lookups.answer(b"mailbox a@example.org"), b"OK 1")
