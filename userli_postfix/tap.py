@@ -21,12 +21,12 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
-from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
+from twisted.web.client import HTTPConnectionPool
 
 from userli_postfix import __version__
 from userli_postfix.cache import LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import SETTINGS, Config, ConfigError
+from userli_postfix.httpclient import makeRequester
 from userli_postfix.listeners import LimitedFactory
 from userli_postfix.logs import makeObserver
 from userli_postfix.lookups import Lookups
@@ -168,9 +168,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = HTTP_POOL_IDLE_PER_HOST
     pool.retryAutomatically = True
-    agent = Agent(reactor, connectTimeout=5, pool=pool)
     client = UserliClient(
-        HTTPClient(agent).request,
+        makeRequester(reactor, pool, connectTimeout=5),
         config.userli_base_url,
         config.userli_token,
         reactor,
