@@ -244,6 +244,7 @@ class QuotaPolicy:
 
     def _limit(self, quota: Quota, identity: str, started: float) -> str | defer.Deferred[str]:
         if quota.unlimited:
+            log.debug("No sending quota for {identity}", identity=identity)
             return self._done("check", "dunno", started, DUNNO)
         self._checked.inc()
         verdict = self._limiter.check(identity, quota)
@@ -259,6 +260,15 @@ class QuotaPolicy:
 
     def _judge(self, verdict: Verdict, identity: str, quota: Quota, started: float) -> str:
         if verdict.allowed:
+            log.debug(
+                "Message of {identity} allowed: {hour}/{per_hour} this hour, "
+                "{day}/{per_day} today (0 = unlimited)",
+                identity=identity,
+                hour=verdict.hour_count,
+                per_hour=quota.per_hour,
+                day=verdict.day_count,
+                per_day=quota.per_day,
+            )
             return self._done("check", "dunno", started, DUNNO)
         self._exceeded.inc()
         log.info(
