@@ -29,6 +29,14 @@ COMMAND_TIMEOUT = 0.5
 CONNECT_TIMEOUT = 2.0
 POOL_SIZE = 4
 
+# While a master is down, Sentinels answer at once but name no usable
+# master; txredisapi waits for a better answer for 10 s by default, and its
+# reconnection backoff grows to 10 s.  Either keeps the daemon off the new
+# master for seconds after a failover.  Asking the Sentinels again every
+# second costs them nothing.
+SENTINEL_DISCOVERY_TIMEOUT = 1.0
+SENTINEL_RETRY_MAX_DELAY = 1.0
+
 
 class RedisUnavailable(Exception):
     """Redis did not answer: not connected, timed out, or the connection broke."""
@@ -63,6 +71,14 @@ def _withDeadline(
 
     inner.addBoth(done)
     return outer
+
+
+class _MasterFactory(txredisapi.SentinelConnectionFactory):
+    """Connections to the master a Sentinel names, retried at least every second."""
+
+    def retryDelay(self, attempt: int) -> float:
+        # Not maxDelay: txredisapi also uses that as the connect timeout.
+        return min(float(super().retryDelay(attempt)), SENTINEL_RETRY_MAX_DELAY)
 
 
 class RedisClient:
@@ -119,8 +135,10 @@ class RedisClient:
                 connectTimeout=CONNECT_TIMEOUT,
                 replyTimeout=CONNECT_TIMEOUT,
             )
+            self._sentinel.discovery_timeout = SENTINEL_DISCOVERY_TIMEOUT
             self._connection = self._sentinel.master_for(
                 t.master_name,
+                factory_class=_MasterFactory,
                 dbid=t.db,
                 poolsize=POOL_SIZE,
                 password=t.password,
