@@ -145,8 +145,12 @@ class Lookups:
             waiters.append(waiter)
 
         def finish(reply: bytes) -> bytes:
-            if reply.startswith(b"OK ") and self._cache is not None:
-                self._cache.set(mapname, key, reply)
+            cache = self._cache
+            # Waiters that shared one call and asked with the same key would
+            # each write the same entry (one Redis command apiece): the first
+            # write is enough.
+            if reply.startswith(b"OK ") and cache is not None and cache.peek(mapname, key) != reply:
+                cache.set(mapname, key, reply)
             return self._done(mapname, started, reply)
 
         return waiter.addCallback(finish)
