@@ -483,6 +483,46 @@ class CoalescingTests(LookupTestCase):
         self.assertEqual(len(self.client.calls), 1)
 
 
+class CountingCache(MemoryCache):
+    """A memory cache that counts its writes."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock, 300.0)
+        self.writes = 0
+
+    def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None:
+        self.writes += 1
+        super().set(mapname, key, reply, ttl)
+
+
+class CacheWriteTests(LookupTestCase):
+    """One API answer is one cache write, however many lookups shared it."""
+
+    def test_coalesced_written_once(self) -> None:
+        """
+        100 concurrent identical lookups store the answer once (each write is
+        a Redis command), not once per waiter.
+        """
+        cache = CountingCache(self.clock)
+        self.lookups = self.build(cache)
+        ds = [self.ask(b"alias a@example.org") for _ in range(100)]
+        self.client.pending.pop().callback(["b@example.org"])
+        for d in ds:
+            self.assertEqual(self.successResultOf(d), b"OK b@example.org")
+        self.assertEqual(cache.writes, 1)
+
+    def test_each_spelling_written(self) -> None:
+        """Each spelling Postfix sent gets its own entry (the Go layout keys the raw key)."""
+        cache = CountingCache(self.clock)
+        self.lookups = self.build(cache)
+        ds = [self.ask(b"mailbox a@example.org"), self.ask(b"mailbox A@example.org")]
+        self.client.pending.pop().callback(True)
+        for d in ds:
+            self.successResultOf(d)
+        self.assertEqual(cache.writes, 2)
+        self.assertEqual(cache.peek("mailbox", "A@example.org"), b"OK 1")
+
+
 class MetricsTests(LookupTestCase):
     """Request metrics by map and outcome, timed on the clock."""
 
