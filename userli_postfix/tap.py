@@ -10,6 +10,7 @@ cache and the rate-limit windows, depending on C{REDIS_URL}.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -31,8 +32,12 @@ from userli_postfix.listeners import LimitedFactory
 from userli_postfix.logs import makeObserver
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
+from userli_postfix.policy import makePolicyFactory
+from userli_postfix.ratelimit import makeRateLimiter
 from userli_postfix.redis import RedisClient
+from userli_postfix.sasl import makeSASLFactory
 from userli_postfix.socketmap import SocketmapFactory
+from userli_postfix.unixsocket import removeStaleSocket
 from userli_postfix.userli import UserliClient
 from userli_postfix.web import Web, makeSite
 
@@ -130,6 +135,13 @@ class DaemonService(MultiService):
         if isinstance(factory, LimitedFactory):
             self._factories.append(factory)
 
+    def privilegedStartService(self) -> None:
+        # Listening happens here, so this is the last moment to clear a
+        # dead socket file out of the way.
+        for description in self._descriptions.values():
+            removeStaleSocket(description)
+        super().privilegedStartService()
+
     def startService(self) -> None:
         if self._redis is not None:
             self._redis.start()
@@ -151,14 +163,19 @@ class DaemonService(MultiService):
         if self._redis is not None:
             yield self._redis.stop()
         log.info("Stopped")
+        # twistd re-raises the signal that stopped the reactor once it is
+        # done, which makes a clean SIGTERM/SIGINT shutdown exit with
+        # -15/-2; after a graceful drain the right status is 0.
+        if getattr(self._clock, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self._clock._exitSignal = None  # type: ignore[attr-defined]
 
 
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
     """Build the daemon from parsed options (or a dict holding C{config})."""
     if reactor is None:
-        from twisted.internet import reactor as globalReactor
+        from twisted.internet import reactor as global_reactor
 
-        reactor = globalReactor
+        reactor = global_reactor
     config: Config = options.config if isinstance(options, Options) else options["config"]
     assert IReactorCore.providedBy(reactor) or hasattr(reactor, "seconds")
 
@@ -194,6 +211,18 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
 
     lookups = Lookups(client, cache, metrics, reactor, config.recipient_delimiter)
     daemon = DaemonService(reactor, observer, pool, redis)
-    daemon.addListener("socketmap", config.socketmap_listen, SocketmapFactory(reactor, lookups, metrics))
+    limiter = makeRateLimiter(config, reactor, redis, metrics)
+    daemon.addListener(
+        "socketmap", config.socketmap_listen, SocketmapFactory(reactor, lookups, metrics)
+    )
+    daemon.addListener(
+        "policy",
+        config.policy_listen,
+        makePolicyFactory(config, reactor, client, metrics, limiter),
+    )
+    if config.sasl_listen is not None:
+        daemon.addListener(
+            "sasl", config.sasl_listen, makeSASLFactory(config, reactor, client, metrics)
+        )
     daemon.addListener("http", config.metrics_listen, makeSite(Web(metrics, client)))
     return daemon
