@@ -253,6 +253,28 @@ def _non_negative_duration(variable: str, text: str) -> float:
     return seconds
 
 
+# More processes than this would only compete for the same cores and for
+# Postfix's connections; it also bounds a typo such as WORKERS=100.
+MAX_WORKERS = 64
+
+
+def _workers(text: str, shared_state: bool) -> int:
+    value = text.strip() or "1"
+    if not value.isdigit() or not 1 <= int(value) <= MAX_WORKERS:
+        raise ConfigError(
+            "WORKERS", f"{text!r} is not a number of processes from 1 to {MAX_WORKERS}"
+        )
+    if int(value) > 1 and not shared_state:
+        # Each process would keep its own rate-limit windows: a sender
+        # could send WORKERS times its quota.
+        raise ConfigError(
+            "WORKERS",
+            "more than one worker needs REDIS_URL, so that every process counts the same "
+            "quota windows and shares one lookup cache",
+        )
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configuration variable: its name, twistd option, default and help."""
@@ -320,6 +342,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LOG_LEVEL", "log-level", "info", "debug, info, warn or error"),
     Setting("LOG_FORMAT", "log-format", "text", "text or json (one object per line)"),
+    Setting(
+        "WORKERS",
+        "workers",
+        "1",
+        "processes serving the listeners (more than 1 needs REDIS_URL)",
+    ),
 )
 
 
@@ -341,6 +369,7 @@ class Config:
     sasl_failure_delay: float = 2.0
     log_level: str = "info"
     log_format: str = "text"
+    workers: int = 1
 
     @classmethod
     def from_sources(
@@ -405,6 +434,7 @@ class Config:
                 sentinel_password=get("REDIS_SENTINEL_PASSWORD") or None,
             )
         message = " ".join(get("RATE_LIMIT_MESSAGE").split())
+        workers = _workers(get("WORKERS"), redis is not None)
 
         return cls(
             userli_token=token,
@@ -423,4 +453,5 @@ class Config:
             ),
             log_level=level,
             log_format=log_format,
+            workers=workers,
         )

@@ -9,6 +9,8 @@ and fixed outcome words.
 
 from __future__ import annotations
 
+from typing import Final
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -24,6 +26,10 @@ PREFIX = "userli_postfix_adapter"
 
 # The Go program exposes no *_created series; neither do we.
 disable_created_metrics()
+
+# With worker processes (WORKERS > 1) each gauge is kept per process and
+# /metrics shows the sum over the live ones; ignored in a single process.
+_SUMMED: Final = "livesum"
 
 _FAST_BUCKETS = tuple(0.001 * 2**i for i in range(10))
 _HTTP_BUCKETS = tuple(0.010 * 2**i for i in range(10))
@@ -60,12 +66,16 @@ class Metrics:
             registry=r,
         )
         self.active_connections = Gauge(
-            f"{PREFIX}_active_connections", "Open socketmap connections.", registry=r
+            f"{PREFIX}_active_connections",
+            "Open socketmap connections.",
+            registry=r,
+            multiprocess_mode=_SUMMED,
         )
         self.connection_pool_usage = Gauge(
             f"{PREFIX}_connection_pool_usage",
             "Socketmap connections in use out of the 500 allowed.",
             registry=r,
+            multiprocess_mode=_SUMMED,
         )
         self.lookup_cache = Counter(
             f"{PREFIX}_lookup_cache",
@@ -92,11 +102,16 @@ class Metrics:
             f"{PREFIX}_health_check_status",
             "1 when the last readiness check reached the Userli API, else 0.",
             registry=r,
+            # Only the process serving /ready sets it.
+            multiprocess_mode="livemax",
         )
 
         # policy
         self.policy_active_connections = Gauge(
-            f"{PREFIX}_policy_active_connections", "Open policy connections.", registry=r
+            f"{PREFIX}_policy_active_connections",
+            "Open policy connections.",
+            registry=r,
+            multiprocess_mode=_SUMMED,
         )
         self.policy_requests = Counter(
             f"{PREFIX}_policy_requests",
@@ -131,7 +146,10 @@ class Metrics:
 
         # SASL
         self.sasl_active_connections = Gauge(
-            f"{PREFIX}_sasl_active_connections", "Open SASL connections.", registry=r
+            f"{PREFIX}_sasl_active_connections",
+            "Open SASL connections.",
+            registry=r,
+            multiprocess_mode=_SUMMED,
         )
         self.sasl_auth = Counter(
             f"{PREFIX}_sasl_auth",

@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import Any
 
+from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
@@ -24,7 +25,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.web.client import HTTPConnectionPool
 
-from userli_postfix import __version__
+from userli_postfix import __version__, workers
 from userli_postfix.cache import LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import SETTINGS, Config, ConfigError
 from userli_postfix.httpclient import makeRequester
@@ -51,6 +52,10 @@ SHUTDOWN_GRACE = 5.0
 # beyond that, so hundreds of concurrent lookups are never queued.
 HTTP_POOL_IDLE_PER_HOST = 256
 
+# The listeners that worker processes serve too; /metrics, /health and
+# /ready stay with the parent.
+SHARED_LISTENERS = ("socketmap", "policy", "sasl")
+
 
 class Options(usage.Options):
     """
@@ -70,9 +75,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        self.config = Config.from_sources(
-            os.environ, {s.option: self[s.option] for s in SETTINGS}
-        )
+        self.config = Config.from_sources(os.environ, {s.option: self[s.option] for s in SETTINGS})
 
     def parseOptions(self, options: Any = None) -> None:
         """
@@ -105,14 +108,18 @@ class DaemonService(MultiService):
         observer: ILogObserver | None,
         pool: HTTPConnectionPool,
         redis: RedisClient | None,
+        inherited: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self._clock = clock
         self._observer = observer
         self._pool = pool
         self._redis = redis
+        self._inherited = inherited
         self._factories: list[LimitedFactory] = []
         self._descriptions: dict[str, str] = {}
+        # The listening ports worker processes share, once open.
+        self.ports: dict[str, Any] = {}
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd picks up a log observer set on the application before it
@@ -122,10 +129,23 @@ class DaemonService(MultiService):
         super().setServiceParent(parent)
 
     def addListener(self, name: str, description: str, factory: Any) -> None:
-        """Listen on C{description}; a failure to listen stops start-up."""
-        service = StreamServerEndpointService(
-            serverFromString(self._clock, description), factory
-        )
+        """
+        Listen on C{description}; a failure to listen stops start-up.  A
+        worker process (see L{workers}) serves the sockets it inherited
+        instead, and only those.
+        """
+        endpoint: Any
+        if self._inherited is not None:
+            if name not in self._inherited:
+                return
+            endpoint = workers.AdoptedEndpoint(self._clock, self._inherited[name])
+        elif name in SHARED_LISTENERS:
+            endpoint = workers.RecordingEndpoint(
+                serverFromString(self._clock, description), name, self.ports
+            )
+        else:
+            endpoint = serverFromString(self._clock, description)
+        service = StreamServerEndpointService(endpoint, factory)
         # Without this a port already in use is only logged and the daemon
         # runs without that listener.
         service._raiseSynchronously = True
@@ -180,6 +200,10 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     assert IReactorCore.providedBy(reactor) or hasattr(reactor, "seconds")
 
     observer = makeObserver(config.log_level, config.log_format)
+    inherited = workers.inheritedListeners()
+    metricsDirectory = None
+    if config.workers > 1 and inherited is None:
+        metricsDirectory = workers.enableMultiprocessMetrics()
     metrics = Metrics()
 
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -210,7 +234,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         )
 
     lookups = Lookups(client, cache, metrics, reactor, config.recipient_delimiter)
-    daemon = DaemonService(reactor, observer, pool, redis)
+    daemon = DaemonService(reactor, observer, pool, redis, inherited)
     limiter = makeRateLimiter(config, reactor, redis, metrics)
     daemon.addListener(
         "socketmap", config.socketmap_listen, SocketmapFactory(reactor, lookups, metrics)
@@ -224,5 +248,24 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         daemon.addListener(
             "sasl", config.sasl_listen, makeSASLFactory(config, reactor, client, metrics)
         )
-    daemon.addListener("http", config.metrics_listen, makeSite(Web(metrics, client)))
+    metricsResource = None
+    if metricsDirectory is not None:
+        metricsResource = MetricsResource(registry=workers.aggregatedRegistry())
+    daemon.addListener(
+        "http", config.metrics_listen, makeSite(Web(metrics, client, metricsResource))
+    )
+    if metricsDirectory is not None:
+        given = (
+            {s.option: options[s.option] for s in SETTINGS} if isinstance(options, Options) else {}
+        )
+        workers.WorkerPool(
+            reactor,
+            config.workers,
+            daemon.ports,
+            workers.childEnvironment(os.environ, given),
+            SHUTDOWN_GRACE,
+            metricsDirectory,
+        ).setServiceParent(daemon)
+    if inherited is not None:
+        workers.ParentWatch(reactor).setServiceParent(daemon)
     return daemon

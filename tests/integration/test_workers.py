@@ -1,0 +1,309 @@
+"""
+Worker processes (C{WORKERS=N}): several processes really serve the same
+listeners, C{/metrics} shows what all of them did, quotas are exact across
+them, and none outlives the daemon.
+
+Which process serves a connection is found from the outside: the socket's
+inode in C{/proc/net/tcp} and in each process's C{/proc/PID/fd}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import DOMAIN, StartDaemon
+from tests.integration.harness import (
+    Daemon,
+    RedisServer,
+    http_get,
+    netstring,
+    run_daemon,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+ALICE = f"alice@{DOMAIN}"
+LIMITED = f"limited@{DOMAIN}"  # 2 messages an hour, 3 a day (conftest)
+
+# Connections opened, at most, while looking for ones served by different
+# processes; far below the 500 a process accepts.
+MAX_CONNECTIONS = 200
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of C{pid}."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def socket_owner(sock: socket.socket, pids: list[int]) -> int | None:
+    """Which of C{pids} holds the server side of the connection C{sock}."""
+    client_port = sock.getsockname()[1]
+    server_port = sock.getpeername()[1]
+    wanted = f"{client_port:04X}"
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if local.endswith(f":{server_port:04X}") and remote.endswith(f":{wanted}"):
+            inode = fields[9]
+            break
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def metrics_directory(pid: int) -> Path:
+    """The multiprocess metrics directory a worker was given."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    for variable in environ:
+        name, _, value = variable.partition(b"=")
+        if name == b"PROMETHEUS_MULTIPROC_DIR":
+            return Path(value.decode())
+    raise AssertionError(f"worker {pid} has no metrics directory")
+
+
+def start_workers(start_daemon: StartDaemon, redis: RedisServer, count: int) -> Daemon:
+    """A daemon with C{count} workers, returned once every child runs."""
+    daemon = start_daemon(env={"WORKERS": str(count)}, redis=redis)
+    wait_for(
+        lambda: daemon.output().count("socketmap listening on") == count,
+        f"{count} processes listening",
+    )
+    assert len(children(daemon.pid)) == count - 1
+    return daemon
+
+
+class Connection:
+    """One client connection, for socketmap or policy requests."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=30)
+        self.buffer = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the daemon")
+        self.buffer += chunk
+
+    def lookup(self, request: bytes) -> bytes:
+        """One socketmap request and its unframed reply."""
+        self.sock.sendall(netstring(request))
+        while True:
+            length, colon, rest = self.buffer.partition(b":")
+            if colon and len(rest) > int(length):
+                size = int(length)
+                reply, self.buffer = rest[:size], rest[size + 1 :]
+                return reply
+            self._more()
+
+    def policy(self, attributes: dict[str, str]) -> str:
+        """One policy request and the action of its reply."""
+        block = "".join(f"{k}={v}\n" for k, v in attributes.items()) + "\n"
+        self.sock.sendall(block.encode())
+        while b"\n\n" not in self.buffer:
+            self._more()
+        reply, self.buffer = self.buffer.split(b"\n\n", 1)
+        return reply.decode().removeprefix("action=")
+
+
+def spread(
+    address: tuple[str, int], pids: list[int], first: bytes | dict[str, str]
+) -> dict[int, list[Connection]]:
+    """
+    Open connections (each answering one request, C{first}, so it is surely
+    accepted) until at least two processes serve some; by serving process.
+    """
+    owners: dict[int, list[Connection]] = {}
+    for _ in range(MAX_CONNECTIONS):
+        connection = Connection(address)
+        if isinstance(first, bytes):
+            connection.lookup(first)
+        else:
+            connection.policy(first)
+        owner = socket_owner(connection.sock, pids)
+        assert owner is not None, "no process holds the connection"
+        owners.setdefault(owner, []).append(connection)
+        if len(owners) >= 2:
+            return owners
+    raise AssertionError(f"{MAX_CONNECTIONS} connections, all served by one process")
+
+
+def metric(url: str, name: str) -> float:
+    """The value of the unlabelled or summed series C{name} on /metrics."""
+    status, body = http_get(url)
+    assert status == 200
+    total = 0.0
+    found = False
+    for line in body.decode().splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if match:
+            total += float(match.group(2))
+            found = True
+    assert found, f"{name} not on /metrics"
+    return total
+
+
+def end_of_message(sender: str) -> dict[str, str]:
+    return {
+        "request": "smtpd_access_policy",
+        "protocol_state": "END-OF-MESSAGE",
+        "sender": sender,
+        "recipient": ALICE,
+        "client_address": "192.0.2.1",
+    }
+
+
+class TestWorkers:
+    """C{WORKERS=N} with Redis."""
+
+    def test_processes_serve_and_metrics_add_up(
+        self, start_daemon: StartDaemon, redis_server: RedisServer
+    ) -> None:
+        """
+        Connections are served by more than one process, and /metrics (on
+        the parent) counts the requests and open connections of all.
+        """
+        daemon = start_workers(start_daemon, redis_server, 3)
+        pids = [daemon.pid, *children(daemon.pid)]
+        assert daemon.socketmap is not None and not isinstance(daemon.socketmap, str)
+        owners = spread(daemon.socketmap, pids, f"mailbox {ALICE}".encode())
+        connections = [c for group in owners.values() for c in group]
+        try:
+            for connection in connections:
+                assert connection.lookup(f"domain {DOMAIN}".encode()) == b"OK 1"
+            sent = 2 * len(connections)
+            url = daemon.metrics_url + "/metrics"
+            assert metric(url, "userli_postfix_adapter_requests_total") == sent
+            assert metric(url, "userli_postfix_adapter_active_connections") == len(connections)
+            assert metric(url, "userli_postfix_adapter_request_duration_seconds_count") == sent
+        finally:
+            for connection in connections:
+                connection.close()
+        wait_for(
+            lambda: metric(url, "userli_postfix_adapter_active_connections") == 0,
+            "the connection gauge to drop to 0",
+        )
+
+    def test_quota_exact_across_workers(
+        self, start_daemon: StartDaemon, redis_server: RedisServer
+    ) -> None:
+        """
+        Messages of one sender sent through different processes count
+        against one quota: 2 an hour allowed, then rejected, whichever
+        process answers.
+        """
+        daemon = start_workers(start_daemon, redis_server, 2)
+        pids = [daemon.pid, *children(daemon.pid)]
+        assert daemon.policy is not None
+        owners = spread(daemon.policy, pids, end_of_message(ALICE))
+        first, second = (group[0] for group in list(owners.values())[:2])
+        actions = [
+            (first if i % 2 == 0 else second).policy(end_of_message(LIMITED)) for i in range(5)
+        ]
+        assert [a.split(" ")[0] for a in actions] == [
+            "DUNNO",
+            "DUNNO",
+            "REJECT",
+            "REJECT",
+            "REJECT",
+        ]
+        for group in owners.values():
+            for connection in group:
+                connection.close()
+
+    def test_sigterm_stops_all(self, start_daemon: StartDaemon, redis_server: RedisServer) -> None:
+        """
+        SIGTERM to the daemon stops every process, the daemon exits, and the
+        private metrics directory is removed.
+        """
+        daemon = start_workers(start_daemon, redis_server, 3)
+        kids = children(daemon.pid)
+        directory = metrics_directory(kids[0])
+        assert directory.is_dir()
+        daemon.stop()
+        for pid in kids:
+            wait_for(lambda pid=pid: not alive(pid), f"worker {pid} to exit")
+        assert not directory.exists()
+        assert "Stopped" in daemon.output()
+
+    def test_children_die_with_parent(
+        self, start_daemon: StartDaemon, redis_server: RedisServer
+    ) -> None:
+        """A parent killed outright (SIGKILL) takes no child with it, yet none stays."""
+        daemon = start_workers(start_daemon, redis_server, 3)
+        kids = children(daemon.pid)
+        directory = metrics_directory(kids[0])
+        daemon.kill()
+        for pid in kids:
+            wait_for(lambda pid=pid: not alive(pid), f"worker {pid} to notice its parent died")
+        assert "The parent process is gone" in daemon.output()
+        # The last worker removed the metrics directory the parent could not.
+        assert not directory.exists()
+
+    def test_dead_child_replaced(
+        self, start_daemon: StartDaemon, redis_server: RedisServer
+    ) -> None:
+        """A worker that dies is replaced, and lookups go on being answered."""
+        daemon = start_workers(start_daemon, redis_server, 2)
+        (victim,) = children(daemon.pid)
+        os.kill(victim, 9)
+        wait_for(
+            lambda: len(children(daemon.pid)) == 1 and victim not in children(daemon.pid),
+            "a new worker",
+        )
+        assert daemon.socketmap is not None and not isinstance(daemon.socketmap, str)
+        for _ in range(20):
+            connection = Connection(daemon.socketmap)
+            assert connection.lookup(f"mailbox {ALICE}".encode()) == b"OK 1"
+            connection.close()
+        assert "ended unexpectedly" in daemon.output()
+
+    def test_refused_without_redis(self, tmp_path: Path) -> None:
+        """More than one worker without REDIS_URL is refused at start, naming WORKERS."""
+        status, output = run_daemon(
+            {"USERLI_TOKEN": "x", "WORKERS": "2", "REDIS_URL": None}, tmp_path
+        )
+        assert status != 0
+        assert "WORKERS" in output
+        assert "REDIS_URL" in output
+
+    def test_option(self, tmp_path: Path) -> None:
+        """C{--workers} works like C{WORKERS} (and is checked the same way)."""
+        status, output = run_daemon({"USERLI_TOKEN": "x"}, tmp_path, ["--workers", "0"])
+        assert status != 0
+        assert "WORKERS" in output
