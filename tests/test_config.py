@@ -150,6 +150,8 @@ class ListenEndpointTests(SynchronousTestCase):
             "tcp:abc",
             "tcp:10001:nosuchparameter=1",
             "unix:/x:mode=abc",
+            "unix:",
+            "unix::mode=660",
         ]:
             error = self.assertRaises(ConfigError, listen_endpoint, "POLICY_LISTEN_ADDR", value)
             self.assertEqual(error.variable, "POLICY_LISTEN_ADDR", value)

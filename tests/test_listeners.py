@@ -210,6 +210,17 @@ class OrderingTests(ListenerTestCase):
         self.assertEqual(fastTransport.value(), b"b\n")
         self.assertEqual(slowTransport.value(), b"")
 
+    def test_failed_answer_closes_connection(self) -> None:
+        """
+        An answer that fails against the contract would block every later
+        reply; the connection is closed instead of stalling.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"a\nb\n")
+        self.factory.pending[0][1].errback(RuntimeError("bug"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(transport.disconnecting)
+
     def test_answer_after_close(self) -> None:
         """An answer that completes after the client left is dropped quietly."""
         protocol, transport = self.connect()

@@ -112,6 +112,10 @@ def listen_endpoint(variable: str, value: str) -> str:
     prefix = text.split(":", 1)[0]
     if ":" in text and prefix in _ENDPOINT_TYPES:
         description = text
+        if prefix == "unix" and not text[5:].split(":", 1)[0]:
+            # Linux would bind an empty path to a random abstract address
+            # that nothing can reach.
+            raise ConfigError(variable, "unix: needs a socket path")
     elif text.startswith("/") or text.endswith(".sock"):
         description = f"unix:{_escape_endpoint(text)}:mode=666:lockfile=1"
     else:

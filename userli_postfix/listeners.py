@@ -38,9 +38,15 @@ class ReplyQueue:
     before it have an answer.
     """
 
-    def __init__(self, write: Callable[[bytes], None], on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        on_change: Callable[[], None],
+        on_broken: Callable[[], None] = lambda: None,
+    ) -> None:
         self._write = write
         self._on_change = on_change
+        self._on_broken = on_broken
         self._slots: deque[list[bytes | None]] = deque()
         self.closed = False
 
@@ -75,7 +81,10 @@ class ReplyQueue:
         reply.addErrback(self._unexpected)
 
     def _unexpected(self, failure: Failure) -> None:
+        # A reply that can never be written would hold back every later
+        # one: the connection is unusable, so end it (Postfix reconnects).
         log.failure("Reply could not be produced", failure)
+        self._on_broken()
 
     def _flush(self) -> None:
         written = False
@@ -108,7 +117,9 @@ class ServingMixin(TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
-        self.replies = ReplyQueue(self._writeReply, self._repliesChanged)
+        self.replies = ReplyQueue(
+            self._writeReply, self._repliesChanged, lambda: self.transport.loseConnection()
+        )
         self._paused = False
         self.factory.connectionOpened(self)
         self.setTimeout(self.idleTimeout())
