@@ -2,7 +2,7 @@
 
 from twisted.application.service import ServiceMaker
 
-userliPostfix = ServiceMaker(
+service_maker = ServiceMaker(
     "userli-postfix",
     "userli_postfix.tap",
     "Postfix socketmap, policy and SASL server backed by the Userli API",
