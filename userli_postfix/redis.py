@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import txredisapi
-from twisted.internet import defer
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -73,7 +74,26 @@ def _withDeadline(
     return outer
 
 
-class _MasterFactory(txredisapi.SentinelConnectionFactory):
+class _KeepTrying:
+    """
+    Keeps a connection pool reconnecting whatever happens to a connection.
+
+    txredisapi stops reconnecting for good when AUTH or SELECT fails on a
+    new connection, a reply timeout included: a Redis that is frozen,
+    overloaded or still starting at that moment would leave the daemon
+    without Redis until it is restarted.  txredisapi closes that connection
+    anyway; here its slot then tries again, with the usual backoff.
+    """
+
+    def stopTrying(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class _Factory(_KeepTrying, txredisapi.RedisFactory):
+    """A pool of connections to one Redis server."""
+
+
+class _MasterFactory(_KeepTrying, txredisapi.SentinelConnectionFactory):
     """Connections to the master a Sentinel names, retried at least every second."""
 
     def retryDelay(self, attempt: int) -> float:
@@ -116,18 +136,9 @@ class RedisClient:
         if self._connection is not None:
             return
         t = self.target
-        common = dict(
-            dbid=t.db,
-            poolsize=POOL_SIZE,
-            reconnect=True,
-            password=t.password,
-            username=t.username,
-            connectTimeout=CONNECT_TIMEOUT,
-            # Lets txredisapi drop a connection that stopped answering, so
-            # the reconnect logic replaces it.
-            replyTimeout=max(2.0, self.commandTimeout * 4),
-            convertNumbers=True,
-        )
+        # Lets txredisapi drop a connection that stopped answering, so the
+        # reconnect logic replaces it.
+        reply_timeout = max(2.0, self.commandTimeout * 4)
         if t.sentinels:
             self._sentinel = txredisapi.Sentinel(
                 list(t.sentinels),
@@ -143,14 +154,34 @@ class RedisClient:
                 poolsize=POOL_SIZE,
                 password=t.password,
                 username=t.username,
-                replyTimeout=common["replyTimeout"],
+                replyTimeout=reply_timeout,
             )
-        elif t.path is not None:
-            self._connection = txredisapi.lazyUnixConnectionPool(t.path, **common)
         else:
-            self._connection = txredisapi.lazyConnectionPool(
-                t.host, t.port, ssl_context_factory=t.tls, **common
+            # txredisapi's lazyConnectionPool and lazyUnixConnectionPool, with
+            # the factory that keeps trying.
+            if t.path is not None:
+                # txredisapi works on the global reactor whatever clock we have.
+                from twisted.internet import reactor
+
+                uuid, handler = t.path, txredisapi.UnixConnectionHandler
+                endpoint = UNIXClientEndpoint(reactor, t.path, timeout=CONNECT_TIMEOUT)
+            else:
+                uuid, handler = f"{t.host}:{t.port}", txredisapi.ConnectionHandler
+                tls = ssl.ClientContextFactory() if t.tls else None
+                endpoint = txredisapi._makeEndpoint(t.host, t.port, CONNECT_TIMEOUT, tls)
+            factory = _Factory(
+                uuid,
+                t.db,
+                POOL_SIZE,
+                isLazy=True,
+                handler=handler,
+                password=t.password,
+                replyTimeout=reply_timeout,
+                convertNumbers=True,
+                username=t.username,
             )
+            factory.startConnecting(endpoint)
+            self._connection = factory.handler
         log.info("Using Redis at {redis}", redis=self)
 
     @property
