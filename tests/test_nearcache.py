@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from userli_postfix.cache import (
     NEAR_CACHE_ENTRIES,
     NEAR_CACHE_TTL,
+    SET_MANY_SCRIPT,
     NearCache,
     RedisCache,
     cache_key,
@@ -73,11 +74,21 @@ class FakeRedis:
             if entry[1] is None:
                 return -1
             return round((entry[1] - self.clock.seconds()) * 1000)
+        if command == "MGET":
+            return [self._run("GET", key) for key in args]
         if command == "SET":
             key, value, unit, amount = args
             seconds = amount if unit == "EX" else amount / 1000.0
             self.put(key, value, seconds)
             return "OK"
+        if command == "EVAL":
+            assert args[0] == SET_MANY_SCRIPT
+            count = args[1]
+            keys, values = args[2 : 2 + count], args[2 + count : 2 + 2 * count]
+            unit, amount = args[2 + 2 * count :]
+            for key, value in zip(keys, values, strict=True):
+                self._run("SET", key, value, unit, amount)
+            return count
         raise AssertionError(f"unexpected command {command}")
 
     def execute(self, command: str, *args: Any) -> defer.Deferred[Any]:
@@ -112,35 +123,89 @@ class NearCacheTests(SynchronousTestCase):
         self.ttl = 300.0
         self.cache = NearCache(RedisCache(self.redis, self.ttl), self.clock, self.ttl)  # type: ignore[arg-type]
 
+    def flush(self) -> None:
+        """End the reactor turn: what was batched goes to Redis."""
+        self.clock.advance(0)
+
+    def get(self, mapname: str, key: str) -> bytes | None:
+        """C{get} across the end of the turn."""
+        d = self.cache.get(mapname, key)
+        self.flush()
+        result: bytes | None = self.successResultOf(d)
+        return result
+
     def test_defaults(self) -> None:
         """The near-cache keeps answers a few seconds, for a bounded set of keys."""
         self.assertEqual(NEAR_CACHE_TTL, 5.0)
-        self.assertEqual(NEAR_CACHE_ENTRIES, 20_000)
+        self.assertEqual(NEAR_CACHE_ENTRIES, 5_000)
 
     def test_set_writes_both(self) -> None:
-        """An answer is written to Redis in the Go layout and kept in the process."""
+        """An answer is kept in the process at once, and written to Redis in the Go layout."""
         self.cache.set("alias", "a@example.org", b"OK b@example.org")
+        self.assertEqual(self.cache.peek("alias", "a@example.org"), b"OK b@example.org")
+        self.flush()
         self.assertEqual(
             self.redis.commands,
             [("SET", "userli:lookup:alias:a@example.org", "OK b@example.org", "EX", 300)],
         )
-        self.assertEqual(self.cache.peek("alias", "a@example.org"), b"OK b@example.org")
+
+    def test_writes_batched(self) -> None:
+        """The writes of one reactor turn are one script call, with the usual expiry."""
+        for name in ("a", "b", "c"):
+            self.cache.set("mailbox", f"{name}@example.org", b"OK 1")
+        self.cache.set("mailbox", "a@example.org", b"OK 1")
+        self.assertEqual(self.redis.commands, [])
+        self.flush()
+        self.assertEqual(self.redis.names(), ["EVAL"])
+        self.assertEqual(
+            self.redis.commands[0][1:],
+            (
+                SET_MANY_SCRIPT,
+                3,
+                *(f"userli:lookup:mailbox:{n}@example.org" for n in "abc"),
+                "OK 1",
+                "OK 1",
+                "OK 1",
+                "EX",
+                300,
+            ),
+        )
+        for name in ("a", "b", "c"):
+            self.assertEqual(
+                self.redis._run("PTTL", cache_key("mailbox", f"{name}@example.org")), 300_000
+            )
+
+    def test_reads_batched(self) -> None:
+        """The reads of one reactor turn are one MGET; each caller gets its own answer."""
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 100)
+        found = self.cache.get("domain", "example.org")
+        missing = self.cache.get("alias", "x@example.org")
+        again = self.cache.get("domain", "example.org")
+        self.assertEqual(self.redis.commands, [])
+        self.flush()
+        self.assertEqual(self.redis.names()[0], "MGET")
+        self.assertEqual(self.successResultOf(found), b"OK 1")
+        self.assertIsNone(self.successResultOf(missing))
+        self.assertEqual(self.successResultOf(again), b"OK 1")
 
     def test_hit_costs_no_round_trip(self) -> None:
-        """A key in the near-cache is answered without any Redis command."""
+        """A key in the near-cache is answered at once, without any Redis command."""
         self.cache.set("mailbox", "a@example.org", b"OK 1")
+        self.flush()
         self.redis.commands.clear()
         self.assertEqual(self.successResultOf(self.cache.get("mailbox", "a@example.org")), b"OK 1")
         self.assertEqual(self.cache.peek("mailbox", "a@example.org"), b"OK 1")
+        self.flush()
         self.assertEqual(self.redis.commands, [])
 
     def test_expires_after_near_ttl(self) -> None:
         """After the near TTL the answer comes from Redis again (and is copied anew)."""
         self.cache.set("mailbox", "a@example.org", b"OK 1")
+        self.flush()
         self.clock.advance(NEAR_CACHE_TTL)
         self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
         self.redis.commands.clear()
-        self.assertEqual(self.successResultOf(self.cache.get("mailbox", "a@example.org")), b"OK 1")
+        self.assertEqual(self.get("mailbox", "a@example.org"), b"OK 1")
         self.assertEqual(self.redis.names(), ["GET", "PTTL"])
         self.assertEqual(self.cache.peek("mailbox", "a@example.org"), b"OK 1")
 
@@ -153,31 +218,44 @@ class NearCacheTests(SynchronousTestCase):
         self.clock.advance(0.001)
         self.assertIsNone(cache.peek("domain", "example.org"))
 
+    def test_own_write_expires_first(self) -> None:
+        """
+        An answer this process wrote leaves the near-cache no later than
+        Redis drops it, though Redis got it a reactor turn later.
+        """
+        cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        cache.set("domain", "example.org", b"OK 1")
+        self.clock.advance(0.5)  # a slow turn: the write goes out half a second later
+        self.clock.advance(1.5)
+        self.assertIsNone(cache.peek("domain", "example.org"))
+        self.assertEqual(self.redis._run("GET", cache_key("domain", "example.org")), "OK 1")
+
     def test_copy_never_outlives_redis(self) -> None:
         """
         An answer read from Redis with less left than the near TTL (written
         by another process long ago) is kept only as long as Redis keeps it.
         """
         self.redis.put(cache_key("domain", "example.org"), "OK 1", 2.0)
-        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+        self.assertEqual(self.get("domain", "example.org"), b"OK 1")
         self.clock.advance(1.999)
         self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
         self.clock.advance(0.001)
         self.assertIsNone(self.cache.peek("domain", "example.org"))
-        self.assertIsNone(self.successResultOf(self.cache.get("domain", "example.org")))
+        self.assertIsNone(self.get("domain", "example.org"))
 
     def test_wire_time_deducted(self) -> None:
         """
-        The time a reply spent on the way back is taken off what Redis said
+        The time replies spent on the way back is taken off what Redis said
         was left, so the copy still expires no later than the original.
         """
         self.redis.put(cache_key("domain", "example.org"), "OK 1", 3.0)
         self.redis.hold = True
         d = self.cache.get("domain", "example.org")
-        self.redis.release()  # the GET reply; PTTL goes out and says 3 s are left
+        self.flush()
+        self.redis.release()  # the MGET reply; PTTL goes out and says 3 s are left
+        self.assertEqual(self.successResultOf(d), b"OK 1")
         self.clock.advance(1.0)  # ... but its reply takes a second to arrive
         self.redis.release()
-        self.assertEqual(self.successResultOf(d), b"OK 1")
         # Redis drops it 3 s after the asking; so does the copy, not 3 s
         # after the reply arrived.
         self.clock.advance(1.999)
@@ -188,7 +266,7 @@ class NearCacheTests(SynchronousTestCase):
     def test_no_expiry_kept_near_ttl(self) -> None:
         """A Redis entry without expiry is copied for the near TTL."""
         self.redis.put(cache_key("domain", "example.org"), "OK 1", None)
-        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+        self.assertEqual(self.get("domain", "example.org"), b"OK 1")
         self.clock.advance(NEAR_CACHE_TTL - 0.001)
         self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
         self.clock.advance(0.001)
@@ -196,7 +274,7 @@ class NearCacheTests(SynchronousTestCase):
 
     def test_miss_asks_once(self) -> None:
         """A key Redis does not have costs one GET and nothing is kept."""
-        self.assertIsNone(self.successResultOf(self.cache.get("alias", "x@example.org")))
+        self.assertIsNone(self.get("alias", "x@example.org"))
         self.assertEqual(self.redis.names(), ["GET"])
         self.assertIsNone(self.cache.peek("alias", "x@example.org"))
         self.assertEqual(len(self.cache), 0)
@@ -206,6 +284,7 @@ class NearCacheTests(SynchronousTestCase):
         self.redis.put(cache_key("domain", "example.org"), "OK 1", 1.0)
         self.redis.hold = True
         d = self.cache.get("domain", "example.org")
+        self.flush()
         self.redis.release()
         self.clock.advance(1.0)
         self.redis.release()
@@ -216,7 +295,7 @@ class NearCacheTests(SynchronousTestCase):
         """When PTTL fails the answer is still served, but not copied on a guess."""
         self.redis.put(cache_key("domain", "example.org"), "OK 1", 100.0)
         self.redis.failing.add("PTTL")
-        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+        self.assertEqual(self.get("domain", "example.org"), b"OK 1")
         self.assertIsNone(self.cache.peek("domain", "example.org"))
 
     def test_redis_down(self) -> None:
@@ -226,13 +305,28 @@ class NearCacheTests(SynchronousTestCase):
         """
         self.cache.set("domain", "example.org", b"OK 1")
         self.redis.down = True
-        self.failureResultOf(self.cache.get("alias", "x@example.org"), RedisUnavailable)
-        self.assertEqual(self.successResultOf(self.cache.get("domain", "example.org")), b"OK 1")
+        d = self.cache.get("alias", "x@example.org")
+        self.flush()
+        self.failureResultOf(d, RedisUnavailable)
+        self.assertEqual(self.get("domain", "example.org"), b"OK 1")
+
+    def test_mget_wrong_shape(self) -> None:
+        """An MGET answer of the wrong length is an unavailable cache, not data."""
+        self.redis.hold = True
+        first = self.cache.get("alias", "a@example.org")
+        second = self.cache.get("alias", "b@example.org")
+        self.flush()
+        self.redis.held[0] = (self.redis.held[0][0], [None])
+        self.redis.release()
+        self.failureResultOf(first, RedisUnavailable)
+        self.failureResultOf(second, RedisUnavailable)
 
     def test_set_survives_redis_down(self) -> None:
         """A write while Redis is down still fills the near-cache and never fails."""
         self.redis.down = True
         self.cache.set("domain", "example.org", b"OK 1")
+        self.cache.set("domain", "example.net", b"OK 1")
+        self.flush()
         self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
 
     def test_bounded(self) -> None:
@@ -312,6 +406,10 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         self.metrics = Metrics(process=False)
         self.lookups = Lookups(self.client, self.cache, self.metrics, self.clock, "+")  # type: ignore[arg-type]
 
+    def flush(self) -> None:
+        """End the reactor turn: what was batched goes to Redis."""
+        self.clock.advance(0)
+
     def cacheCount(self, handler: str, result: str) -> float:
         value = self.metrics.registry.get_sample_value(
             "userli_postfix_adapter_lookup_cache_total", {"handler": handler, "result": result}
@@ -320,25 +418,32 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
 
     def test_concurrent_identical_lookups_one_call(self) -> None:
         """
-        100 identical lookups in flight at once cost one API call, and all
-        get its answer.
+        100 identical lookups in flight at once cost one Redis command, one
+        API call, and all get its answer.
         """
         answers = [self.lookups.answer(b"mailbox a@example.org") for _ in range(100)]
+        self.flush()
+        self.assertEqual(self.redis.names(), ["MGET"])
         self.assertEqual(self.client.calls, [("mailbox", "a@example.org")])
         self.client.answer(True)
         self.assertEqual({_result(a, self) for a in answers}, {b"OK 1"})
         self.assertEqual(self.client.calls, [("mailbox", "a@example.org")])
+        self.flush()
+        self.assertEqual(self.redis.names(), ["MGET", "SET"])
 
     def test_variants_share_one_call(self) -> None:
         """Keys that normalise alike share the call; each is cached as sent."""
         first = self.lookups.answer(b"mailbox a+x@example.org")
         second = self.lookups.answer(b"mailbox A@Example.org")
+        self.flush()
         self.assertEqual(self.client.calls, [("mailbox", "a@example.org")])
         self.client.answer(True)
         self.assertEqual(_result(first, self), b"OK 1")
         self.assertEqual(_result(second, self), b"OK 1")
         self.assertEqual(self.cache.peek("mailbox", "a+x@example.org"), b"OK 1")
         self.assertEqual(self.cache.peek("mailbox", "A@Example.org"), b"OK 1")
+        self.flush()
+        self.assertEqual(self.redis.names(), ["MGET", "EVAL"])
 
     def test_hot_key_answered_at_once(self) -> None:
         """
@@ -346,11 +451,14 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         no Redis command and no API call, and counted as a cache hit.
         """
         pending = self.lookups.answer(b"domain example.org")
+        self.flush()
         self.client.answer(True)
         self.assertEqual(_result(pending, self), b"OK 1")
+        self.flush()
         self.redis.commands.clear()
         for _ in range(10):
             self.assertEqual(self.lookups.answer(b"domain example.org"), b"OK 1")
+        self.flush()
         self.assertEqual(self.redis.commands, [])
         self.assertEqual(len(self.client.calls), 1)
         self.assertEqual(self.cacheCount("domain", "hit"), 10)
@@ -360,6 +468,7 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         """An answer another process put in Redis is used without an API call."""
         self.redis.put(cache_key("alias", "info@example.org"), "OK a@example.org", 300)
         answer = self.lookups.answer(b"alias info@example.org")
+        self.flush()
         self.assertEqual(_result(answer, self), b"OK a@example.org")
         self.assertEqual(self.client.calls, [])
         self.assertEqual(self.lookups.answer(b"alias info@example.org"), b"OK a@example.org")
@@ -367,10 +476,12 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
     def test_notfound_not_cached(self) -> None:
         """NOTFOUND is never kept: the next lookup asks again, so a new mailbox works at once."""
         first = self.lookups.answer(b"mailbox new@example.org")
+        self.flush()
         self.client.answer(False)
         self.assertEqual(_result(first, self), b"NOTFOUND ")
         self.assertIsNone(self.cache.peek("mailbox", "new@example.org"))
         second = self.lookups.answer(b"mailbox new@example.org")
+        self.flush()
         self.assertEqual(len(self.client.calls), 2)
         self.client.answer(True)
         self.assertEqual(_result(second, self), b"OK 1")
@@ -378,6 +489,7 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
     def test_temporary_failure_not_cached(self) -> None:
         """An API failure is a TEMP answer and is not kept."""
         answer = self.lookups.answer(b"mailbox a@example.org")
+        self.flush()
         self.client.answer(UserliError("boom"))
         self.assertTrue(_result(answer, self).startswith(b"TEMP "))
         self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
@@ -386,6 +498,7 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
     def test_invalid_key_never_asked(self) -> None:
         """A key that fails normalisation is NOTFOUND without Redis or the API."""
         self.assertEqual(self.lookups.answer(b"mailbox not an address"), b"NOTFOUND ")
+        self.flush()
         self.assertEqual(self.redis.commands, [])
         self.assertEqual(self.client.calls, [])
 
@@ -393,6 +506,7 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         """With Redis down lookups go to the API and answers still fill the near-cache."""
         self.redis.down = True
         answer = self.lookups.answer(b"mailbox a@example.org")
+        self.flush()
         self.client.answer(True)
         self.assertEqual(_result(answer, self), b"OK 1")
         self.assertEqual(self.cacheCount("mailbox", "error"), 1)

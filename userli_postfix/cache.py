@@ -11,12 +11,13 @@ program's (key ``userli:lookup:<map>:<key>``, value the reply text, TTL
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
-from userli_postfix.redis import RedisClient
+from userli_postfix.redis import RedisClient, RedisUnavailable
 
 # Enough for every address of a large installation several times over, at
 # roughly 200 bytes an entry.
@@ -24,7 +25,7 @@ MEMORY_CACHE_ENTRIES = 100_000
 
 # The near-cache only has to hold the keys that are hot right now (the
 # domains, the big aliases, the busiest mailboxes): a few MB at most.
-NEAR_CACHE_ENTRIES = 20_000
+NEAR_CACHE_ENTRIES = 5_000
 
 # How long an answer is served from the near-cache before Redis is asked
 # again.  Short, so that an operator who deletes a key in Redis (to drop a
@@ -94,6 +95,17 @@ class MemoryCache:
             self._entries.popitem(last=False)
 
 
+# SET KEYS[i] ARGV[i] <unit> <amount> for every key: the writes of one
+# reactor turn in one command.
+SET_MANY_SCRIPT = """
+local n = #KEYS
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i], ARGV[n + 1], ARGV[n + 2])
+end
+return n
+"""
+
+
 def _decode(value: object) -> bytes | None:
     """A Redis string reply as bytes; anything else is no answer."""
     if isinstance(value, bytes):
@@ -117,41 +129,63 @@ class RedisCache:
     def get(self, mapname: str, key: str) -> defer.Deferred[bytes | None]:
         return self._redis.execute("GET", cache_key(mapname, key)).addCallback(_decode)
 
-    def getWithLifetime(
-        self, mapname: str, key: str
-    ) -> defer.Deferred[tuple[bytes | None, float | None]]:
+    def getMany(self, items: list[tuple[str, str]]) -> defer.Deferred[list[bytes | None]]:
         """
-        The reply and how many seconds Redis keeps it (C{None}: no expiry;
-        C{0} when C{PTTL} failed, so that nothing is copied on a guess).
-
-        C{PTTL} is asked only after a hit: a miss, the common case for a
-        key not in the near-cache, then costs one command, as before.
+        The replies for several (map, key) pairs in one command (C{MGET});
+        a single pair is a plain C{GET}.
         """
-        name = cache_key(mapname, key)
+        names = [cache_key(mapname, key) for mapname, key in items]
+        if len(names) == 1:
+            return self._redis.execute("GET", names[0]).addCallback(lambda value: [_decode(value)])
 
-        def lifetime(reply: bytes | None) -> Any:
-            if reply is None:
-                return (None, None)
+        def decode(values: object) -> list[bytes | None]:
+            if not isinstance(values, list) or len(values) != len(names):
+                raise RedisUnavailable(f"MGET answered {type(values).__name__}")
+            return [_decode(value) for value in values]
 
-            def remaining(value: object) -> tuple[bytes | None, float | None]:
-                if isinstance(value, int) and not isinstance(value, bool):
-                    # -1: no expiry; -2: gone already (expired just now).
-                    return (reply, None if value == -1 else max(value, 0) / 1000.0)
-                return (reply, 0.0)
+        return self._redis.execute("MGET", *names).addCallback(decode)
 
-            return self._redis.execute("PTTL", name).addCallbacks(
-                remaining, lambda failure: (reply, 0.0)
-            )
+    def lifetime(self, mapname: str, key: str) -> defer.Deferred[float | None]:
+        """
+        How many seconds Redis keeps the entry: C{None} when it has no
+        expiry, C{0} when it is gone or C{PTTL} failed (so that nothing is
+        copied on a guess).
+        """
 
-        return self._redis.execute("GET", name).addCallback(_decode).addCallback(lifetime)
+        def remaining(value: object) -> float | None:
+            if isinstance(value, int) and not isinstance(value, bool):
+                # -1: no expiry; -2: gone already (expired just now).
+                return None if value == -1 else max(value, 0) / 1000.0
+            return 0.0
 
-    def set(self, mapname: str, key: str, reply: bytes) -> None:
+        return self._redis.execute("PTTL", cache_key(mapname, key)).addCallbacks(
+            remaining, lambda failure: 0.0
+        )
+
+    def _expiry(self) -> tuple[str, int]:
         # go-redis sends EX for whole seconds and PX otherwise; so do we.
         if self._ttl == int(self._ttl):
-            expiry = ("EX", int(self._ttl))
-        else:
-            expiry = ("PX", max(1, int(self._ttl * 1000)))
-        d = self._redis.execute("SET", cache_key(mapname, key), reply.decode("utf-8"), *expiry)
+            return ("EX", int(self._ttl))
+        return ("PX", max(1, int(self._ttl * 1000)))
+
+    def setMany(self, items: list[tuple[str, str, bytes]]) -> None:
+        """
+        Store several answers in one command (a script of C{SET}s with the
+        same expiry as L{set}); a single answer is a plain C{SET}.  Never
+        fails.
+        """
+        if len(items) == 1:
+            self.set(*items[0])
+            return
+        args = [cache_key(mapname, key) for mapname, key, _ in items]
+        args += [reply.decode("utf-8") for _, _, reply in items]
+        d = self._redis.execute("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry())
+        d.addErrback(lambda failure: None)
+
+    def set(self, mapname: str, key: str, reply: bytes) -> None:
+        d = self._redis.execute(
+            "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry()
+        )
         # A failed write only means the next lookup asks the API again.
         d.addErrback(lambda failure: None)
 
@@ -163,11 +197,15 @@ class NearCache:
 
     Its entries never outlive the Redis entry they copy: an answer written
     by this process is kept for M{min(near_ttl, ttl)} from the moment it is
-    sent to Redis (which keeps it for C{ttl} from a moment later); an answer
-    read from Redis is kept for at most what C{PTTL} said was left, counted
-    from before the question was sent.  So an answer served from here is
-    always one Redis would still serve, and Redis stays the one shared cache
-    of every process and of the Go program.
+    stored, before it is sent to Redis (which keeps it for C{ttl} from a
+    moment later); an answer read from Redis is kept for at most what
+    C{PTTL} said was left, counted from before the question was sent.  So an
+    answer served from here is always one Redis would still serve, and Redis
+    stays the one shared cache of every process and of the Go program.
+
+    What goes to Redis is batched: the reads of one reactor turn are one
+    C{MGET}, its writes one script call, so a burst of cache misses costs a
+    few Redis commands instead of two per lookup.
     """
 
     def __init__(
@@ -181,6 +219,9 @@ class NearCache:
         self._backend = backend
         self._clock = clock
         self._near = MemoryCache(clock, min(near_ttl, ttl), max_entries)
+        self._reads: list[tuple[str, str, defer.Deferred[bytes | None]]] = []
+        self._writes: dict[tuple[str, str], bytes] = {}
+        self._flushCall: IDelayedCall | None = None
 
     def __len__(self) -> int:
         return len(self._near)
@@ -192,26 +233,56 @@ class NearCache:
         reply = self._near.peek(mapname, key)
         if reply is not None:
             return defer.succeed(reply)
-        asked = self._clock.seconds()
-
-        def keep(answer: tuple[bytes | None, float | None]) -> bytes | None:
-            reply, remaining = answer
-            if reply is not None:
-                lifetime = self._near_lifetime(remaining, asked)
-                if lifetime > 0:
-                    # MemoryCache caps this at min(near_ttl, ttl) from now.
-                    self._near.set(mapname, key, reply, ttl=lifetime)
-            return reply
-
-        return self._backend.getWithLifetime(mapname, key).addCallback(keep)
-
-    def _near_lifetime(self, remaining: float | None, asked: float) -> float:
-        if remaining is None:
-            return float("inf")
-        # Redis measured what was left at some moment after we asked; count
-        # it from the asking, so the copy expires no later than the original.
-        return remaining - (self._clock.seconds() - asked)
+        waiter: defer.Deferred[bytes | None] = defer.Deferred()
+        self._reads.append((mapname, key, waiter))
+        self._schedule()
+        return waiter
 
     def set(self, mapname: str, key: str, reply: bytes) -> None:
         self._near.set(mapname, key, reply)
-        self._backend.set(mapname, key, reply)
+        self._writes[mapname, key] = reply
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._flushCall is None:
+            # Runs right after the reactor has handled this turn's events.
+            self._flushCall = self._clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flushCall = None
+        reads, self._reads = self._reads, []
+        writes, self._writes = self._writes, {}
+        if writes:
+            self._backend.setMany([(m, k, reply) for (m, k), reply in writes.items()])
+        if not reads:
+            return
+        asked = self._clock.seconds()
+
+        def answer(replies: list[bytes | None]) -> None:
+            for (mapname, key, waiter), reply in zip(reads, replies, strict=True):
+                if reply is not None:
+                    self._copy(mapname, key, reply, asked)
+                waiter.callback(reply)
+
+        def fail(failure: Failure) -> None:
+            for _, _, waiter in reads:
+                waiter.errback(failure)
+
+        self._backend.getMany([(m, k) for m, k, _ in reads]).addCallbacks(answer, fail)
+
+    def _copy(self, mapname: str, key: str, reply: bytes, asked: float) -> None:
+        """Keep an answer read from Redis for no longer than Redis keeps it."""
+
+        def keep(remaining: float | None) -> None:
+            if remaining is None:
+                lifetime = float("inf")
+            else:
+                # Redis measured what was left at some moment after we
+                # asked; count it from the asking, so the copy expires no
+                # later than the original.
+                lifetime = remaining - (self._clock.seconds() - asked)
+            if lifetime > 0:
+                # MemoryCache caps this at min(near_ttl, ttl) from now.
+                self._near.set(mapname, key, reply, ttl=lifetime)
+
+        self._backend.lifetime(mapname, key).addCallback(keep)
