@@ -235,7 +235,7 @@ class PluginTests(SynchronousTestCase):
         """C{twistd userli-postfix} uses L{tap.Options} and L{tap.makeService}."""
         from twisted.plugins import userli_postfix as plugin
 
-        maker = plugin.userliPostfix
+        maker = plugin.service_maker
         self.assertEqual(maker.tapname, "userli-postfix")
         self.assertIs(maker.options, tap.Options)
         self.assertIs(maker.makeService, tap.makeService)

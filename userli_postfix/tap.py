@@ -157,9 +157,11 @@ class DaemonService(MultiService):
 
     def privilegedStartService(self) -> None:
         # Listening happens here, so this is the last moment to clear a
-        # dead socket file out of the way.
-        for description in self._descriptions.values():
-            removeStaleSocket(description)
+        # dead socket file out of the way.  A worker process adopts sockets
+        # its parent listens on and must not probe them.
+        if self._inherited is None:
+            for description in self._descriptions.values():
+                removeStaleSocket(description)
         super().privilegedStartService()
 
     def startService(self) -> None:
