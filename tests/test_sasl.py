@@ -237,11 +237,19 @@ class HandshakeTests(SASLTestMixin, SynchronousTestCase):
         self.assertEqual(self.replies(transport), [])
         self.assertFalse(transport.disconnecting)
 
-    def test_unknownCommandWithIdAnswered(self) -> None:
-        """An unknown command that carries a request id gets a FAIL for that id."""
+    def test_unknownCommandWithIdIgnored(self) -> None:
+        """
+        An unknown command is ignored even when it carries a request id:
+        Postfix would take any answer as the reply to its live request, and
+        a login waiting for its CONT goes on undisturbed.
+        """
         protocol, transport = self.connect()
+        self.send(protocol, self.auth(7, "PLAIN"))
+        self.assertEqual(self.replies(transport), [b"CONT\t7\t"])
         self.send(protocol, b"FROB\t7\tx")
-        self.assertEqual(self.replies(transport), [b"FAIL\t7\treason=unknown command"])
+        self.assertEqual(self.replies(transport), [])
+        self.send(protocol, b"CONT\t7\t" + plain(ALICE, SECRET))
+        self.assertEqual(self.replies(transport)[-1][:5], b"OK\t7\t")
         self.assertFalse(transport.disconnecting)
 
     def test_overlongLineCloses(self) -> None:
@@ -810,6 +818,21 @@ class ConnectionLifeTests(SASLTestMixin, SynchronousTestCase):
         for protocol in (busy, idle):
             protocol.connectionLost(None)  # type: ignore[arg-type]
         self.successResultOf(done)
+
+    def test_drainWaitsForPendingCont(self) -> None:
+        """
+        At shutdown a login waiting for the client's CONT is not cut off:
+        the connection closes once that login is answered.
+        """
+        protocol, transport = self.connect()
+        self.send(protocol, self.auth(1, "LOGIN"))
+        self.factory.drain(grace=10)
+        self.assertFalse(transport.disconnecting)
+        self.send(protocol, b"CONT\t1\t" + b64(ALICE))
+        self.assertFalse(transport.disconnecting)
+        self.send(protocol, b"CONT\t1\t" + b64(SECRET))
+        self.assertTrue(self.replies(transport)[-1].startswith(b"OK\t1\t"))
+        self.assertTrue(transport.disconnecting)
 
     def test_connectionLimit(self) -> None:
         """Connections beyond the limit are refused and counted."""

@@ -72,7 +72,6 @@ REASON_BAD_PLAIN = "invalid PLAIN response"
 REASON_BAD_UTF8 = "credentials are not UTF-8"
 REASON_UNSUPPORTED = "unsupported authentication mechanism"
 REASON_EXPIRED = "authentication request timed out"
-REASON_UNKNOWN_COMMAND = "unknown command"
 REASON_BAD_REQUEST = "invalid AUTH request"
 
 SUCCESS = "success"
@@ -354,8 +353,17 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     @property
     def outstanding(self) -> int:
-        """AUTH requests being decided; they keep the connection open."""
-        return self._inflight
+        """
+        AUTH requests being decided or waiting for their C{CONT}: a
+        connection with any of them is not closed at shutdown until they
+        end (bounded by the drain's grace period), since Postfix reports a
+        closed auth connection as a temporary failure to the SMTP client.
+        """
+        return self._inflight + len(self._waiting)
+
+    def _closeIfDrained(self) -> None:
+        if self.factory.draining and not self._closed and not self.outstanding:
+            self.transport.loseConnection()  # type: ignore[attr-defined]
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # Without the end of the line there is no way back into the
@@ -382,8 +390,9 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         elif command == b"CANCEL":
             self._cancel(_field(rest.split(b"\t")[0]))
         else:
-            self._unknown(command, rest)
+            self._unknown(command)
         self._rearm()
+        self._closeIfDrained()
 
     # Client handshake
 
@@ -522,6 +531,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
     def _expire(self, request_id: str) -> None:
         if self._waiting.pop(request_id, None) is not None:
             log.debug("SASL request {id} got no CONT in time; dropped", id=request_id)
+            self._closeIfDrained()
 
     def _cancel(self, request_id: str) -> None:
         log.debug("SASL CANCEL id={id}", id=request_id)
@@ -535,15 +545,14 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         # as outstanding) but its reply is no longer written.
         self._deciding.pop(request_id, None)
 
-    def _unknown(self, command: bytes, rest: bytes) -> None:
+    def _unknown(self, command: bytes) -> None:
         # Only the command word is logged, and only when it looks like one:
         # a confused client could send anything, a password included.
         name = command.decode("ascii", "replace")
         shown = name if name.isalpha() and name.isupper() and len(name) <= 16 else "?"
-        request_id = _field(rest.split(b"\t")[0])
-        log.debug("SASL unknown command {command}", command=shown)
-        if request_id.isdigit():
-            self._writeFail(request_id, Verdict(ERROR, reason=REASON_UNKNOWN_COMMAND))
+        # Ignored, as sasl.md asks: an answer would be taken by Postfix as
+        # the reply to its live request with that id.
+        log.debug("SASL unknown command {command} ignored", command=shown)
 
     # Replies
 
@@ -599,8 +608,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
                 transport.pauseProducing()  # type: ignore[attr-defined]
         else:
             self.setTimeout(self.idleTimeout())
-            if self.factory.draining:
-                transport.loseConnection()  # type: ignore[attr-defined]
+            self._closeIfDrained()
         if self._paused and self._inflight < MAX_PIPELINED // 2:
             self._paused = False
             transport.resumeProducing()  # type: ignore[attr-defined]
