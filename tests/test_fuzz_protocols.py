@@ -46,7 +46,7 @@ from userli_postfix.policy import MAX_LINE as POLICY_MAX_LINE
 from userli_postfix.policy import PolicyFactory, PolicyProtocol, QuotaPolicy
 from userli_postfix.ratelimit import MemoryRateLimiter
 from userli_postfix.sasl import MAX_LINE as SASL_MAX_LINE
-from userli_postfix.sasl import Authenticator, SASLFactory, SASLServerProtocol
+from userli_postfix.sasl import EXCHANGE_TIMEOUT, Authenticator, SASLFactory, SASLServerProtocol
 from userli_postfix.socketmap import MAX_REQUEST, SocketmapFactory, SocketmapProtocol
 from userli_postfix.userli import UserliClient
 
@@ -640,7 +640,9 @@ class SASLFuzzTests(SynchronousTestCase):
         parse_sasl_replies(transport.value(), 1)
         event(f"sasl garbage: {'closed' if transport.disconnecting else 'open'}")
         self.assertEqual(self.flushLoggedErrors(), [])
-        # No request the garbage left behind is still being decided.
+        # Once abandoned exchanges have expired, nothing the garbage left
+        # behind is still outstanding.
+        world.clock.advance(EXCHANGE_TIMEOUT + 1)
         self.assertEqual(protocol.outstanding, 0)
 
         fresh, fresh_transport = world.connect(world.sasl)
