@@ -45,8 +45,8 @@ from userli_postfix.metrics import Metrics
 from userli_postfix.policy import MAX_LINE as POLICY_MAX_LINE
 from userli_postfix.policy import PolicyFactory, PolicyProtocol, QuotaPolicy
 from userli_postfix.ratelimit import MemoryRateLimiter
-from userli_postfix.sasl import MAX_LINE as SASL_MAX_LINE
 from userli_postfix.sasl import EXCHANGE_TIMEOUT, Authenticator, SASLFactory, SASLServerProtocol
+from userli_postfix.sasl import MAX_LINE as SASL_MAX_LINE
 from userli_postfix.socketmap import MAX_REQUEST, SocketmapFactory, SocketmapProtocol
 from userli_postfix.userli import UserliClient
 
