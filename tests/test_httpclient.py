@@ -18,7 +18,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from userli_postfix.httpclient import BytesProducer, ReusedEndpoints, agentRequester, makeRequester
+from userli_postfix.httpclient import (
+    BytesProducer,
+    QuietConnectionPool,
+    ReusedEndpoints,
+    agentRequester,
+    makeRequester,
+)
 from userli_postfix.metrics import Metrics
 from userli_postfix.userli import UserliClient
 
@@ -139,3 +145,12 @@ class RealConnectionTests(TestCase):
             self.assertIs(found, True)
         self.assertEqual(len(resource.peers), 3)
         self.assertEqual(len(set(resource.peers)), 1)
+
+
+class QuietPoolTests(SynchronousTestCase):
+    """L{QuietConnectionPool} does not log every connection it opens."""
+
+    def test_quiet(self) -> None:
+        """Its connection factories are not noisy; the default pool's are."""
+        self.assertFalse(QuietConnectionPool._factory.noisy)
+        self.assertTrue(HTTPConnectionPool._factory.noisy)

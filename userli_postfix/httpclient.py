@@ -29,6 +29,20 @@ from zope.interface import implementer
 Requester = Callable[..., defer.Deferred[IResponse]]
 
 
+class _QuietClientFactory(HTTPConnectionPool._factory):  # type: ignore[name-defined,misc,valid-type]
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """
+    A connection pool whose connections are not logged: by default each
+    new connection to Userli writes "Starting factory" and "Stopping
+    factory" lines at info level, hundreds of them when lookups burst.
+    """
+
+    _factory = _QuietClientFactory
+
+
 @implementer(IAgentEndpointFactory)
 class ReusedEndpoints:
     """

@@ -29,7 +29,7 @@ from twisted.web.client import HTTPConnectionPool
 from userli_postfix import __version__, workers
 from userli_postfix.cache import LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import SETTINGS, Config, ConfigError
-from userli_postfix.httpclient import makeRequester
+from userli_postfix.httpclient import QuietConnectionPool, makeRequester
 from userli_postfix.listeners import LimitedFactory
 from userli_postfix.logs import makeObserver
 from userli_postfix.lookups import Lookups
@@ -209,7 +209,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         metricsDirectory = workers.enableMultiprocessMetrics()
     metrics = Metrics()
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = QuietConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = HTTP_POOL_IDLE_PER_HOST
     pool.retryAutomatically = True
     client = UserliClient(
