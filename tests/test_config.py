@@ -95,19 +95,19 @@ class ListenEndpointTests(SynchronousTestCase):
     def test_go_forms(self) -> None:
         """Every Go address form maps to the matching endpoint description."""
         table = [
-            (":10001", "tcp:10001"),
-            ("127.0.0.1:10001", "tcp:10001:interface=127.0.0.1"),
-            ("0.0.0.0:25", "tcp:25:interface=0.0.0.0"),
-            ("localhost:10002", "tcp:10002:interface=localhost"),
-            ("[::1]:10001", "tcp6:10001:interface=\\:\\:1"),
-            ("[::]:10001", "tcp6:10001:interface=\\:\\:"),
-            ("/path/x.sock", "unix:/path/x.sock:mode=666:lockfile=1"),
+            (":10001", "tcp:10001:backlog=4096"),
+            ("127.0.0.1:10001", "tcp:10001:interface=127.0.0.1:backlog=4096"),
+            ("0.0.0.0:25", "tcp:25:interface=0.0.0.0:backlog=4096"),
+            ("localhost:10002", "tcp:10002:interface=localhost:backlog=4096"),
+            ("[::1]:10001", "tcp6:10001:interface=\\:\\:1:backlog=4096"),
+            ("[::]:10001", "tcp6:10001:interface=\\:\\::backlog=4096"),
+            ("/path/x.sock", "unix:/path/x.sock:mode=666:lockfile=1:backlog=4096"),
             (
                 "/var/spool/postfix/private/auth",
-                "unix:/var/spool/postfix/private/auth:mode=666:lockfile=1",
+                "unix:/var/spool/postfix/private/auth:mode=666:lockfile=1:backlog=4096",
             ),
-            ("x.sock", "unix:x.sock:mode=666:lockfile=1"),
-            (" :10001 ", "tcp:10001"),
+            ("x.sock", "unix:x.sock:mode=666:lockfile=1:backlog=4096"),
+            (" :10001 ", "tcp:10001:backlog=4096"),
         ]
         for value, description in table:
             self.assertEqual(listen_endpoint("SOCKETMAP_LISTEN_ADDR", value), description, value)
@@ -119,7 +119,7 @@ class ListenEndpointTests(SynchronousTestCase):
         """
         self.assertEqual(
             listen_endpoint("X", "/run/a:b=c.sock"),
-            "unix:/run/a\\:b\\=c.sock:mode=666:lockfile=1",
+            "unix:/run/a\\:b\\=c.sock:mode=666:lockfile=1:backlog=4096",
         )
 
     def test_descriptions_pass_through(self) -> None:
@@ -363,9 +363,9 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.userli_token, "secret-token")
         self.assertEqual(config.userli_base_url, "http://localhost:8000")
         self.assertEqual(config.recipient_delimiter, "")
-        self.assertEqual(config.socketmap_listen, "tcp:10001")
-        self.assertEqual(config.policy_listen, "tcp:10003")
-        self.assertEqual(config.metrics_listen, "tcp:10002")
+        self.assertEqual(config.socketmap_listen, "tcp:10001:backlog=4096")
+        self.assertEqual(config.policy_listen, "tcp:10003:backlog=4096")
+        self.assertEqual(config.metrics_listen, "tcp:10002:backlog=4096")
         self.assertIsNone(config.sasl_listen)
         self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
         self.assertIsNone(config.redis)
@@ -426,11 +426,12 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.userli_token, "tok")
         self.assertEqual(config.userli_base_url, "https://userli.example.org")
         self.assertEqual(config.recipient_delimiter, "+")
-        self.assertEqual(config.socketmap_listen, "tcp:20001:interface=127.0.0.1")
-        self.assertEqual(config.policy_listen, "tcp6:20003:interface=\\:\\:1")
+        self.assertEqual(config.socketmap_listen, "tcp:20001:interface=127.0.0.1:backlog=4096")
+        self.assertEqual(config.policy_listen, "tcp6:20003:interface=\\:\\:1:backlog=4096")
         self.assertEqual(config.metrics_listen, "tcp:20002")
         self.assertEqual(
-            config.sasl_listen, "unix:/var/spool/postfix/private/auth:mode=666:lockfile=1"
+            config.sasl_listen,
+            "unix:/var/spool/postfix/private/auth:mode=666:lockfile=1:backlog=4096",
         )
         self.assertEqual(config.rate_limit_message, "Slow down")
         self.assertEqual(config.redis, RedisTarget(host="redis", db=1))

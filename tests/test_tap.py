@@ -62,7 +62,7 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--lookup-cache-ttl", "1h", "--userli-token=flag-token")
         self.assertEqual(options.config.lookup_cache_ttl, 3600.0)
         self.assertEqual(options.config.userli_token, "flag-token")
-        self.assertEqual(options.config.socketmap_listen, "tcp:20001")
+        self.assertEqual(options.config.socketmap_listen, "tcp:20001:backlog=4096")
 
     def test_every_flag_read(self) -> None:
         """Every flag reaches the configuration."""
@@ -87,7 +87,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             config, Config.from_sources({}, {s.option: values.get(s.option) for s in SETTINGS})
         )
-        self.assertEqual(config.sasl_listen, "tcp:20006")
+        self.assertEqual(config.sasl_listen, "tcp:20006:backlog=4096")
         self.assertEqual(config.log_format, "json")
 
     def test_bad_configuration(self) -> None:

@@ -86,6 +86,13 @@ def _escape_endpoint(value: str) -> str:
 
 
 _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
+
+# Go's net.Listen asks the kernel for its largest accept queue
+# (net.core.somaxconn); Twisted's default is 50.  With 50, a burst of
+# connections (every smtpd process of a busy Postfix reconnecting at once)
+# overflows the queue and the dropped SYNs are only sent again a second
+# later.  The kernel caps the request at somaxconn.
+LISTEN_BACKLOG = 4096
 _HOST_PORT = re.compile(
     r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})$"
 )
@@ -104,7 +111,8 @@ def listen_endpoint(variable: str, value: str) -> str:
     A Go-style socket path gets ``lockfile=1`` so a stale socket file left by
     a crash is replaced, and mode 0666 so Postfix (which runs as another
     user) can connect; the directory the socket lives in is what restricts
-    access, as with Postfix's own ``private/`` sockets.
+    access, as with Postfix's own ``private/`` sockets.  Every Go form gets
+    the Go program's accept queue (L{LISTEN_BACKLOG}).
     """
     text = value.strip()
     if not text:
@@ -117,7 +125,7 @@ def listen_endpoint(variable: str, value: str) -> str:
             # that nothing can reach.
             raise ConfigError(variable, "unix: needs a socket path")
     elif text.startswith("/") or text.endswith(".sock"):
-        description = f"unix:{_escape_endpoint(text)}:mode=666:lockfile=1"
+        description = f"unix:{_escape_endpoint(text)}:mode=666:lockfile=1:backlog={LISTEN_BACKLOG}"
     else:
         match = _HOST_PORT.match(text)
         if match is None:
@@ -131,14 +139,14 @@ def listen_endpoint(variable: str, value: str) -> str:
             raise ConfigError(variable, f"port {port} out of range")
         if match.group("v6") is not None:
             iface = _escape_endpoint(match.group("v6"))
-            description = f"tcp6:{port}:interface={iface}"
+            description = f"tcp6:{port}:interface={iface}:backlog={LISTEN_BACKLOG}"
         elif match.group("host"):
             host = match.group("host")
             if not re.match(r"^[A-Za-z0-9.-]+$", host):
                 raise ConfigError(variable, f"invalid host {host!r}")
-            description = f"tcp:{port}:interface={host}"
+            description = f"tcp:{port}:interface={host}:backlog={LISTEN_BACKLOG}"
         else:
-            description = f"tcp:{port}"
+            description = f"tcp:{port}:backlog={LISTEN_BACKLOG}"
     try:
         serverFromString(MemoryReactor(), description)
     except Exception as exc:
