@@ -12,6 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from userli_postfix.listeners import (
     MAX_CONNECTIONS,
     MAX_PIPELINED,
+    REFUSAL_REPORT_INTERVAL,
     LimitedFactory,
     ReplyQueue,
     ServingMixin,
@@ -247,6 +249,31 @@ class LimitTests(ListenerTestCase):
         )
         self.assertEqual(self.sample("userli_postfix_adapter_active_connections"), 500.0)
         self.assertEqual(self.sample("userli_postfix_adapter_connection_pool_usage"), 500.0)
+
+    def test_refusals_reported_sparingly(self) -> None:
+        """
+        A flood of refused connections is one warning per
+        L{REFUSAL_REPORT_INTERVAL}, carrying the number refused since the
+        last one, not one warning per connection.
+        """
+        factory = self.makeFactory(max_connections=1)
+        self.connect(factory)
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def reports() -> list[object]:
+            return [e.get("refused") for e in events if "refused" in e]
+
+        for _ in range(1000):
+            self.assertIsNone(factory.buildProtocol(ADDRESS))
+        self.assertEqual(reports(), [1])
+        self.clock.advance(REFUSAL_REPORT_INTERVAL - 1)
+        factory.buildProtocol(ADDRESS)
+        self.assertEqual(reports(), [1])
+        self.clock.advance(1)
+        factory.buildProtocol(ADDRESS)
+        self.assertEqual(reports(), [1, 1001])
 
     def test_room_after_close(self) -> None:
         """When a connection closes, its place is free again."""

@@ -26,6 +26,11 @@ MAX_CONNECTIONS = 500
 # paused until the replies drain; Postfix sends one request at a time.
 MAX_PIPELINED = 64
 
+# Refused connections are reported at most this often per listener, with the
+# number refused since the last report: a flood of connections must not
+# become a flood of log lines.
+REFUSAL_REPORT_INTERVAL = 10.0
+
 log = Logger()
 
 
@@ -187,19 +192,32 @@ class LimitedFactory(Factory):
         self._usage = usage
         self._refused = refused
         self._allClosed: list[defer.Deferred[None]] = []
+        self._unreported = 0
+        self._lastReport: float | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
         if self.draining or len(self.connections) >= self.max_connections:
             # Returning None makes Twisted close the new connection at once.
             if self._refused is not None:
                 self._refused.inc()
-            log.warn(
-                "Connection refused: {count} connections open (limit {limit})",
-                count=len(self.connections),
-                limit=self.max_connections,
-            )
+            self._reportRefusal()
             return None
         return super().buildProtocol(addr)  # type: ignore[return-value]
+
+    def _reportRefusal(self) -> None:
+        self._unreported += 1
+        now = self.clock.seconds()
+        if self._lastReport is not None and now - self._lastReport < REFUSAL_REPORT_INTERVAL:
+            return
+        log.warn(
+            "Connection refused: {count} connections open (limit {limit}); "
+            "{refused} refused since the last report",
+            count=len(self.connections),
+            limit=self.max_connections,
+            refused=self._unreported,
+        )
+        self._lastReport = now
+        self._unreported = 0
 
     def connectionOpened(self, protocol: ServingMixin) -> None:
         self.connections.add(protocol)
