@@ -1,0 +1,1 @@
+"""The benchmark suite: run it with benchmarks/run (python -m benchmarks)."""
