@@ -77,6 +77,11 @@ POLICY_DEADLINE = 10.0
 #: thousands of requests here), not for allocator noise.
 MEMORY_BOUND = 16 * 1024 * 1024
 
+#: How soon after Redis is back (restarted or thawed) the daemon must use it
+#: again: txredisapi's reconnection backoff grows to 10 s, plus up to about
+#: a third of that as jitter.
+REDIS_RECOVERY = 15.0
+
 #: The fake Userli holds its answers back this long in slow mode: beyond
 #: the daemon's 5 s API deadline.
 SLOW_DELAY = 8.0
@@ -478,5 +483,37 @@ def test_redis_frozen(
                 time.sleep(0.2)
     finally:
         os.kill(redis_fixed.pid, signal.SIGCONT)
+    thawed = time.monotonic()
     probe_enforcing(daemon)
     assert daemon.running
+    print(f"\nRedis frozen 8 s: quotas enforced again {time.monotonic() - thawed:.1f} s after")
+
+
+@pytest.mark.parametrize("down", [3.0, 12.0])
+def test_redis_restarted(
+    down: float,
+    userli_with_over: FakeUserliServer,
+    redis_fixed: RedisServer,
+    start_daemon: StartDaemon,
+) -> None:
+    """
+    Redis is killed and comes back empty after C{down} seconds: the policy
+    service fails open meanwhile and enforces quotas again soon after Redis
+    is back, without a restart.
+    """
+    daemon = start_daemon(redis=redis_fixed)
+    assert daemon.policy is not None
+    probe_enforcing(daemon)
+    redis_fixed.kill()
+    until = time.monotonic() + down
+    with PolicyClient(daemon.policy) as client:
+        while time.monotonic() < until:
+            assert client.ask(end_of_message(OVER)) == "DUNNO"
+            time.sleep(0.2)
+    redis_fixed.start()
+    back = time.monotonic()
+    probe_enforcing(daemon)
+    recovered = time.monotonic() - back
+    assert daemon.running
+    assert recovered < REDIS_RECOVERY, recovered
+    print(f"\nRedis down {down:g} s: quotas enforced again {recovered:.1f} s after it was back")
