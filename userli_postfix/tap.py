@@ -24,12 +24,11 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
-from twisted.web.client import HTTPConnectionPool
 
 from userli_postfix import __version__, workers
 from userli_postfix.cache import LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import SETTINGS, Config, ConfigError
-from userli_postfix.httpclient import QuietConnectionPool, makeRequester
+from userli_postfix.httpclient import KeepAlivePool, ReusedEndpoints, keepAliveRequester
 from userli_postfix.listeners import LimitedFactory
 from userli_postfix.logs import makeObserver
 from userli_postfix.lookups import Lookups
@@ -107,7 +106,7 @@ class DaemonService(MultiService):
         self,
         clock: IReactorTime,
         observer: ILogObserver | None,
-        pool: HTTPConnectionPool,
+        pool: KeepAlivePool,
         redis: RedisClient | None,
         inherited: dict[str, int] | None = None,
     ) -> None:
@@ -209,11 +208,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         metricsDirectory = workers.enableMultiprocessMetrics()
     metrics = Metrics()
 
-    pool = QuietConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = HTTP_POOL_IDLE_PER_HOST
-    pool.retryAutomatically = True
+    pool = KeepAlivePool(ReusedEndpoints(reactor, connectTimeout=5), HTTP_POOL_IDLE_PER_HOST)
     client = UserliClient(
-        makeRequester(reactor, pool, connectTimeout=5),
+        keepAliveRequester(pool),
         config.userli_base_url,
         config.userli_token,
         reactor,
