@@ -34,6 +34,7 @@ from userli_postfix.httpclient import (
     keepAliveRequester,
 )
 from userli_postfix.metrics import Metrics
+from userli_postfix.userli import MAX_BODY as USERLI_MAX_BODY
 from userli_postfix.userli import UserliClient, UserliError
 
 BASE = "http://userli.test"
@@ -524,3 +525,24 @@ class RealServerTests(TestCase):
         chunked = yield request("GET", base + "/chunked")
         self.assertEqual(chunked.body, b'["a@example.org"]')
         self.assertEqual(len(set(resource.peers)), 1)
+
+
+class UserliBodyLimitTests(SynchronousTestCase):
+    """The client's own body limit holds for bodies the transport read whole."""
+
+    def test_too_large(self) -> None:
+        """A body over the client's limit (under the transport's) is a UserliError."""
+        endpoint = FakeEndpoint()
+        client = UserliClient(
+            keepAliveRequester(KeepAlivePool(FakeEndpoints(endpoint))),  # type: ignore[arg-type]
+            BASE,
+            "token",
+            Clock(),
+            Metrics(process=False),
+        )
+        d = client.alias("info@example.org")
+        body = b'["' + b"a" * USERLI_MAX_BODY + b'"]'
+        endpoint.transports[-1].protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.assertIn("too large", str(self.failureResultOf(d, UserliError).value))

@@ -161,6 +161,7 @@ class UserliClient:
         self._clock = clock
         self._metrics = metrics
         self._timeout = timeout
+        self._series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
         common = {
             b"Authorization": [b"Bearer " + token.encode("utf-8")],
             b"Accept": [b"application/json"],
@@ -193,10 +194,6 @@ class UserliClient:
         deadline = self._timeout if timeout is None else timeout
         status_label = ["error"]
 
-        def gotResponse(response: IResponse) -> defer.Deferred[tuple[int, bytes]]:
-            status_label[0] = str(response.code)
-            return _readBody(response).addCallback(lambda data: (response.code, data))
-
         def decode(answer: tuple[int, bytes]) -> T:
             code, data = answer
             try:
@@ -205,11 +202,29 @@ class UserliClient:
                 raise UserliError(f"HTTP {code} with a body that is not JSON") from None
             return parse(code, value)
 
+        def gotResponse(response: IResponse) -> T | defer.Deferred[T]:
+            status_label[0] = str(response.code)
+            whole = getattr(response, "body", None)
+            if isinstance(whole, bytes):
+                # The transport read the body already (httpclient.Response):
+                # no body protocol, no extra Deferred.
+                if len(whole) > MAX_BODY:
+                    raise UserliError("response body too large")
+                return decode((response.code, whole))
+            return _readBody(response).addCallback(lambda data: decode((response.code, data)))
+
         def observe(result: T | Failure) -> T | Failure:
             code = status_label[0]
             elapsed = self._clock.seconds() - started
-            self._metrics.http_client_requests.labels(endpoint, code).inc()
-            self._metrics.http_client_duration.labels(endpoint, code).observe(elapsed)
+            series = self._series.get((endpoint, code))
+            if series is None:
+                # Looking up a labelled child costs more than using it: keep them.
+                series = self._series[endpoint, code] = (
+                    self._metrics.http_client_requests.labels(endpoint, code).inc,
+                    self._metrics.http_client_duration.labels(endpoint, code).observe,
+                )
+            series[0]()
+            series[1](elapsed)
             if isinstance(result, Failure):
                 if result.check(defer.TimeoutError, defer.CancelledError):
                     return Failure(UserliError(f"no answer within {deadline:g} s"))
@@ -222,7 +237,6 @@ class UserliClient:
             method, url, headers=headers, data=body, allow_redirects=False
         )
         d.addCallback(gotResponse)
-        d.addCallback(decode)
         d.addTimeout(deadline, self._clock)
         d.addBoth(observe)
         return d
