@@ -93,9 +93,11 @@ def metrics_directory(pid: int) -> Path:
     raise AssertionError(f"worker {pid} has no metrics directory")
 
 
-def start_workers(start_daemon: StartDaemon, redis: RedisServer, count: int) -> Daemon:
+def start_workers(
+    start_daemon: StartDaemon, redis: RedisServer, count: int, socketmap: str = "inet"
+) -> Daemon:
     """A daemon with C{count} workers, returned once every child runs."""
-    daemon = start_daemon(env={"WORKERS": str(count)}, redis=redis)
+    daemon = start_daemon(env={"WORKERS": str(count)}, redis=redis, socketmap=socketmap)
     wait_for(
         lambda: daemon.output().count("socketmap listening on") == count,
         f"{count} processes listening",
@@ -292,6 +294,30 @@ class TestWorkers:
             assert connection.lookup(f"mailbox {ALICE}".encode()) == b"OK 1"
             connection.close()
         assert "ended unexpectedly" in daemon.output()
+
+    def test_unix_socket_shared(self, start_daemon: StartDaemon, redis_server: RedisServer) -> None:
+        """
+        A socketmap listener on a UNIX socket is shared too: every process
+        serves it, and lookups over it are answered.
+        """
+        daemon = start_workers(start_daemon, redis_server, 2, socketmap="unix")
+        path = daemon.socketmap
+        assert isinstance(path, str)
+        (child,) = children(daemon.pid)
+        inode = next(
+            line.split()[6]
+            for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+            if line.split()[-1] == path
+        )
+        for pid in (daemon.pid, child):
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert f"socket:[{inode}]" in links, f"process {pid} does not hold the socket"
+        for _ in range(20):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(path)
+                s.sendall(netstring(f"mailbox {ALICE}".encode()))
+                assert s.recv(100) == netstring(b"OK 1")
 
     def test_refused_without_redis(self, tmp_path: Path) -> None:
         """More than one worker without REDIS_URL is refused at start, naming WORKERS."""
