@@ -518,7 +518,18 @@ class Bench:
                         + "  ".join(f"{r:5.1f} MB" for r in rss)
                     )
                     print("RSS after round", rounds, samples[-1], flush=True)
-                print("\n".join(["Soak: RSS per daemon process over time", *samples]))
+                report = "\n".join(
+                    [
+                        f"Soak: {seconds} s of mixed load on the daemon "
+                        f"({self.args.workers} process(es)); RSS per process after each round",
+                        "",
+                        *samples,
+                    ]
+                )
+                print(report)
+                RESULTS.mkdir(exist_ok=True)
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                (RESULTS / f"SOAK-{stamp}.txt").write_text(report + "\n")
         finally:
             self.processes.stopAll()
             shutil.rmtree(self.work, ignore_errors=True)
