@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import txredisapi
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -167,7 +168,9 @@ class RedisClient:
                 endpoint = UNIXClientEndpoint(reactor, t.path, timeout=CONNECT_TIMEOUT)
             else:
                 uuid, handler = f"{t.host}:{t.port}", txredisapi.ConnectionHandler
-                tls = ssl.ClientContextFactory() if t.tls else None
+                # rediss:// checks the server's certificate and host name
+                # against the system's trust store, as go-redis does.
+                tls = optionsForClientTLS(t.host) if t.tls else None
                 endpoint = txredisapi._makeEndpoint(t.host, t.port, CONNECT_TIMEOUT, tls)
             factory = _Factory(
                 uuid,

@@ -45,8 +45,10 @@ from userli_postfix.web import Web, makeSite
 log = Logger()
 
 # How long in-flight requests may take to finish at shutdown before their
-# connections are cut (Postfix retries on a new connection).
-SHUTDOWN_GRACE = 5.0
+# connections are cut (Postfix retries on a new connection).  Long enough
+# for the slowest answer: a failed login against a hung API (5 s deadline
+# plus the 2 s failure delay).
+SHUTDOWN_GRACE = 8.0
 
 # Idle keep-alive connections kept to Userli; new ones are opened as needed
 # beyond that, so hundreds of concurrent lookups are never queued.
