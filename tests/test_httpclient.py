@@ -10,16 +10,19 @@ server had closed, cancellation, and refusal of what is not HTTP.
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
+from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import URI
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -546,3 +549,74 @@ class UserliBodyLimitTests(SynchronousTestCase):
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         self.assertIn("too large", str(self.failureResultOf(d, UserliError).value))
+
+
+def _selfSigned() -> tuple[bytes, bytes]:
+    """A certificate for localhost (and its key), signed by itself, as PEM."""
+    from datetime import datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+class HTTPSTests(TestCase):
+    """HTTPS through L{ReusedEndpoints}: certificates are checked."""
+
+    def setUp(self) -> None:
+        self.certificate, key = _selfSigned()
+        server = PrivateCertificate.loadPEM(self.certificate + key)
+        self.resource = Server()
+        port = reactor.listenSSL(  # type: ignore[attr-defined]
+            0, Site(self.resource), server.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        self.base = f"https://localhost:{port.getHost().port}"
+
+    def requester(self, policy: Any = None) -> Any:
+        pool = KeepAlivePool(ReusedEndpoints(reactor, connectTimeout=5, policy=policy))
+        self.addCleanup(pool.closeCachedConnections)
+        return keepAliveRequester(pool)
+
+    @defer.inlineCallbacks
+    def test_trusted(self) -> Any:
+        """With the server's CA trusted, requests go over TLS and the connection is kept."""
+        trust = Certificate.loadPEM(self.certificate)
+        request = self.requester(BrowserLikePolicyForHTTPS(trustRoot=trust))
+        for path in ("/a", "/chunked"):
+            response = yield request("GET", self.base + path)
+            self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, b'["a@example.org"]')
+        self.assertEqual(len(set(self.resource.peers)), 1)
+
+    @defer.inlineCallbacks
+    def test_untrusted_refused(self) -> Any:
+        """By default (the system's roots) a self-signed server is refused."""
+        request = self.requester()
+        yield self.assertFailure(request("GET", self.base + "/a"), SSL.Error)
+        self.assertEqual(self.resource.peers, [])

@@ -37,7 +37,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 # Longer status lines and header blocks are not from Userli.
@@ -58,13 +58,20 @@ class ReusedEndpoints:
     """
     Endpoints per (scheme, host, port), built on first use and kept: the
     daemon only ever talks to one Userli.  HTTPS gets the same
-    certificate checks as Twisted's default (L{BrowserLikePolicyForHTTPS}).
+    certificate checks as Twisted's default (L{BrowserLikePolicyForHTTPS}:
+    the system's trusted roots and the host name), unless C{policy} says
+    otherwise (a private CA as C{BrowserLikePolicyForHTTPS(trustRoot=...)}).
     """
 
-    def __init__(self, reactor: Any, connectTimeout: float | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        connectTimeout: float | None = None,
+        policy: IPolicyForHTTPS | None = None,
+    ) -> None:
         self._reactor = reactor
         self._connectTimeout = connectTimeout
-        self._policy = BrowserLikePolicyForHTTPS()
+        self._policy = policy if policy is not None else BrowserLikePolicyForHTTPS()
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
