@@ -51,6 +51,7 @@ class FakeTransport:
         self.written: list[bytes] = []
         self.closed = False
         self.aborted = False
+        self.closeLater = False
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write on a closed connection"
@@ -68,6 +69,9 @@ class FakeTransport:
             self.protocol.connectionLost(reason)
 
     def loseConnection(self) -> None:
+        if self.closeLater:
+            # As a real transport: closed once its buffer is written.
+            return
         self._close(Failure(ConnectionDone()))
 
     def abortConnection(self) -> None:
@@ -456,6 +460,25 @@ class RequesterTests(SynchronousTestCase):
         self.successResultOf(self.pool.closeCachedConnections())
         self.assertTrue(all(t.closed for t in self.endpoint.transports))
         self.successResultOf(self.pool.closeCachedConnections())
+
+    def test_close_while_busy(self) -> None:
+        """
+        A request that finishes while the pool is being closed has its
+        connection closed instead of kept, so the close completes.
+        """
+        busy = self.get()
+        idle = self.get()
+        busyTransport, idleTransport = self.endpoint.transports
+        self.answer(OK_TRUE, idleTransport)
+        self.successResultOf(idle)
+        idleTransport.closeLater = True
+        closing = self.pool.closeCachedConnections()
+        self.answer(OK_TRUE, busyTransport)
+        self.successResultOf(busy)
+        self.assertTrue(busyTransport.closed)
+        self.assertNoResult(closing)
+        idleTransport.serverCloses()
+        self.successResultOf(closing)
 
 
 class UserliOverKeepAliveTests(SynchronousTestCase):

@@ -438,7 +438,9 @@ class KeepAlivePool:
 
     def _release(self, connection: _Connection) -> None:
         idle = self._idle.setdefault(connection.key, [])
-        if len(idle) >= self._maxIdle:
+        # While the pool is being closed, a connection whose request just
+        # finished is closed too, or the close would wait for it forever.
+        if self._closing or len(idle) >= self._maxIdle:
             connection.transport.loseConnection()  # type: ignore[union-attr]
             return
         idle.append(connection)
