@@ -630,10 +630,19 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds measured per run (10; quick: 3)")
     parser.add_argument("--warmup", type=float, help="seconds before measuring (2; quick: 1)")
     parser.add_argument("--connections", help="concurrent connections (1,10,50,200; quick: 10,50)")
-    parser.add_argument("--scenarios", default="hot,cold,quota,unlimited,sasl")
+    parser.add_argument(
+        "--scenarios",
+        default="hot,cold,quota,unlimited,sasl",
+        help="which of hot, cold (socketmap), quota, unlimited (policy) and sasl to run",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes to compare")
     parser.add_argument("--latency", type=float, default=0.005, help="fake Userli latency, s")
-    parser.add_argument("--loadgen-procs", type=int, default=1)
+    parser.add_argument(
+        "--loadgen-procs",
+        type=int,
+        default=1,
+        help="load generator processes at 100 connections and more (one is plenty on 2 cores)",
+    )
     parser.add_argument(
         "--targets",
         default="daemon,workers,podop,bare,responder",
