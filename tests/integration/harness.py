@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from tests.fake_userli import TOKEN
+from userli_postfix.config import SETTINGS
+from userli_postfix.workers import LISTENERS_VARIABLE, METRICS_VARIABLE
 
 #: The repository root: on C{PYTHONPATH} so C{twisted/plugins/} is found
 #: without installing the package.
@@ -50,23 +52,10 @@ STARTUP_DEADLINE = 30.0
 #: Every configuration variable of the daemon: removed from the inherited
 #: environment so the test's own environment cannot leak into the daemon.
 DAEMON_VARIABLES = (
-    "USERLI_TOKEN",
-    "USERLI_BASE_URL",
-    "POSTFIX_RECIPIENT_DELIMITER",
-    "SOCKETMAP_LISTEN_ADDR",
-    "POLICY_LISTEN_ADDR",
-    "METRICS_LISTEN_ADDR",
-    "SASL_LISTEN_ADDR",
-    "RATE_LIMIT_MESSAGE",
-    "REDIS_URL",
-    "REDIS_SENTINEL_ADDRS",
-    "REDIS_SENTINEL_MASTER",
-    "REDIS_SENTINEL_PASSWORD",
-    "LOOKUP_CACHE_TTL",
-    "QUOTA_CACHE_TTL",
-    "SASL_FAILURE_DELAY",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
+    *(setting.variable for setting in SETTINGS),
+    # How worker processes find their sockets and metrics.
+    LISTENERS_VARIABLE,
+    METRICS_VARIABLE,
 )
 
 _processes: list[subprocess.Popen[bytes]] = []
