@@ -15,7 +15,6 @@ import signal
 import sys
 from typing import Any
 
-from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
@@ -40,7 +39,7 @@ from userli_postfix.sasl import makeSASLFactory
 from userli_postfix.socketmap import SocketmapFactory
 from userli_postfix.unixsocket import removeStaleSocket
 from userli_postfix.userli import UserliClient
-from userli_postfix.web import Web, makeSite
+from userli_postfix.web import MetricsPage, Web, makeSite
 
 log = Logger()
 
@@ -252,7 +251,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         )
     metricsResource = None
     if metricsDirectory is not None:
-        metricsResource = MetricsResource(registry=workers.aggregatedRegistry())
+        metricsResource = MetricsPage(workers.aggregatedRegistry())
     daemon.addListener(
         "http", config.metrics_listen, makeSite(Web(metrics, client, metricsResource))
     )

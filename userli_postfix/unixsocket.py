@@ -18,7 +18,6 @@ import socket
 import stat
 
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
-from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 
 log = Logger()
@@ -28,7 +27,7 @@ def socketPath(description: str) -> str | None:
     """The file a C{unix:} endpoint description listens on, else C{None}."""
     if not description.startswith("unix:"):
         return None
-    endpoint = serverFromString(MemoryReactor(), description)
+    endpoint = serverFromString(None, description)  # type: ignore[arg-type]
     if not isinstance(endpoint, UNIXServerEndpoint):
         return None
     address = endpoint._address
