@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.cache import (
+    LIFETIME_SCRIPT,
     NEAR_CACHE_ENTRIES,
     NEAR_CACHE_TTL,
     SET_MANY_SCRIPT,
@@ -81,6 +82,11 @@ class FakeRedis:
             seconds = amount if unit == "EX" else amount / 1000.0
             self.put(key, value, seconds)
             return "OK"
+        if command == "EVAL" and args[0] == LIFETIME_SCRIPT:
+            _, _, key, expected = args
+            if self._run("GET", key) != expected:
+                return -2
+            return self._run("PTTL", key)
         if command == "EVAL":
             assert args[0] == SET_MANY_SCRIPT
             count = args[1]
@@ -206,7 +212,7 @@ class NearCacheTests(SynchronousTestCase):
         self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
         self.redis.commands.clear()
         self.assertEqual(self.get("mailbox", "a@example.org"), b"OK 1")
-        self.assertEqual(self.redis.names(), ["GET", "PTTL"])
+        self.assertEqual(self.redis.names(), ["GET", "EVAL"])
         self.assertEqual(self.cache.peek("mailbox", "a@example.org"), b"OK 1")
 
     def test_near_ttl_capped_by_lookup_ttl(self) -> None:
@@ -291,10 +297,28 @@ class NearCacheTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), b"OK 1")
         self.assertIsNone(self.cache.peek("domain", "example.org"))
 
+    def test_rewritten_between_get_and_pttl(self) -> None:
+        """
+        An entry that expires and is written anew with another value between
+        our read and the lifetime question is answered but not copied: the
+        new entry's lifetime says nothing about the value we read.
+        """
+        name = cache_key("alias", "team@example.org")
+        self.redis.put(name, "OK old@example.org", 0.001)
+        self.redis.hold = True
+        d = self.cache.get("alias", "team@example.org")
+        self.flush()
+        self.redis.hold = False
+        self.clock.advance(0.001)
+        self.redis.put(name, "OK new@example.org", 300.0)
+        self.redis.release()
+        self.assertEqual(self.successResultOf(d), b"OK old@example.org")
+        self.assertIsNone(self.cache.peek("alias", "team@example.org"))
+
     def test_pttl_failure(self) -> None:
         """When PTTL fails the answer is still served, but not copied on a guess."""
         self.redis.put(cache_key("domain", "example.org"), "OK 1", 100.0)
-        self.redis.failing.add("PTTL")
+        self.redis.failing.add("EVAL")
         self.assertEqual(self.get("domain", "example.org"), b"OK 1")
         self.assertIsNone(self.cache.peek("domain", "example.org"))
 

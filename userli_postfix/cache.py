@@ -106,6 +106,18 @@ return n
 """
 
 
+# The remaining lifetime of an entry, but only while it still holds the value
+# we copy: read atomically, so an entry that expired and was written anew
+# (by another process or the Go program) between our read and this question
+# is never copied with the new entry's lifetime.
+LIFETIME_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -2
+end
+return redis.call('PTTL', KEYS[1])
+"""
+
+
 def _decode(value: object) -> bytes | None:
     """A Redis string reply as bytes; anything else is no answer."""
     if isinstance(value, bytes):
@@ -145,11 +157,12 @@ class RedisCache:
 
         return self._redis.execute("MGET", *names).addCallback(decode)
 
-    def lifetime(self, mapname: str, key: str) -> defer.Deferred[float | None]:
+    def lifetime(self, mapname: str, key: str, reply: bytes) -> defer.Deferred[float | None]:
         """
-        How many seconds Redis keeps the entry: C{None} when it has no
-        expiry, C{0} when it is gone or C{PTTL} failed (so that nothing is
-        copied on a guess).
+        How many seconds Redis keeps the entry, provided it still holds
+        C{reply}: C{None} when it has no expiry, C{0} when it is gone, holds
+        another value, or the question failed (so that nothing is copied on
+        a guess).
         """
 
         def remaining(value: object) -> float | None:
@@ -158,9 +171,9 @@ class RedisCache:
                 return None if value == -1 else max(value, 0) / 1000.0
             return 0.0
 
-        return self._redis.execute("PTTL", cache_key(mapname, key)).addCallbacks(
-            remaining, lambda failure: 0.0
-        )
+        return self._redis.execute(
+            "EVAL", LIFETIME_SCRIPT, 1, cache_key(mapname, key), reply.decode("utf-8")
+        ).addCallbacks(remaining, lambda failure: 0.0)
 
     def _expiry(self) -> tuple[str, int]:
         # go-redis sends EX for whole seconds and PX otherwise; so do we.
@@ -199,7 +212,8 @@ class NearCache:
     by this process is kept for M{min(near_ttl, ttl)} from the moment it is
     stored, before it is sent to Redis (which keeps it for C{ttl} from a
     moment later); an answer read from Redis is kept for at most what
-    C{PTTL} said was left, counted from before the question was sent.  So an
+    C{PTTL} said was left, counted from before the question was sent, and
+    only while Redis still holds that same value (one atomic script).  So an
     answer served from here is always one Redis would still serve, and Redis
     stays the one shared cache of every process and of the Go program.
 
@@ -285,4 +299,4 @@ class NearCache:
                 # MemoryCache caps this at min(near_ttl, ttl) from now.
                 self._near.set(mapname, key, reply, ttl=lifetime)
 
-        self._backend.lifetime(mapname, key).addCallback(keep)
+        self._backend.lifetime(mapname, key, reply).addCallback(keep)
