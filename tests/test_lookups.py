@@ -17,40 +17,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from tests.doubles import FakeLookupClient
 from userli_postfix.cache import MemoryCache
 from userli_postfix.lookups import MAX_REPLY, Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.redis import RedisUnavailable
 from userli_postfix.userli import UserliClient, UserliError
-
-
-class FakeClient:
-    """
-    The lookup endpoints of L{UserliClient}; every call is recorded and
-    answered through a Deferred the test fires.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self.pending: list[defer.Deferred[Any]] = []
-
-    def _call(self, endpoint: str, key: str) -> defer.Deferred[Any]:
-        self.calls.append((endpoint, key))
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.pending.append(d)
-        return d
-
-    def alias(self, address: str) -> defer.Deferred[Any]:
-        return self._call("alias", address)
-
-    def senders(self, address: str) -> defer.Deferred[Any]:
-        return self._call("senders", address)
-
-    def domain(self, name: str) -> defer.Deferred[Any]:
-        return self._call("domain", name)
-
-    def mailbox(self, address: str) -> defer.Deferred[Any]:
-        return self._call("mailbox", address)
 
 
 class FailingCache:
@@ -70,14 +42,14 @@ class FailingCache:
 
 
 class LookupTestCase(SynchronousTestCase):
-    """A L{Lookups} over a L{FakeClient}, without a cache unless a test adds one."""
+    """A L{Lookups} over a L{FakeLookupClient}, without a cache unless a test adds one."""
 
     delimiter = "+"
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.metrics = Metrics(process=False)
-        self.client = FakeClient()
+        self.client = FakeLookupClient()
         self.cache: Any = None
         self.lookups = self.build()
 

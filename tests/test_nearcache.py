@@ -14,9 +14,9 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.doubles import FakeLookupClient
 from userli_postfix.cache import (
     LIFETIME_SCRIPT,
     NEAR_CACHE_ENTRIES,
@@ -376,44 +376,6 @@ class NearCacheTests(SynchronousTestCase):
         self.assertIsNone(self.cache.peek("senders", "a@example.org"))
 
 
-class FakeClient:
-    """
-    The lookups of L{userli_postfix.userli.UserliClient}, answered when the
-    test says so, counting calls.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self.pending: list[defer.Deferred[Any]] = []
-
-    def _call(self, endpoint: str, key: str) -> defer.Deferred[Any]:
-        self.calls.append((endpoint, key))
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.pending.append(d)
-        return d
-
-    def alias(self, key: str) -> defer.Deferred[Any]:
-        return self._call("alias", key)
-
-    def senders(self, key: str) -> defer.Deferred[Any]:
-        return self._call("senders", key)
-
-    def domain(self, key: str) -> defer.Deferred[Any]:
-        return self._call("domain", key)
-
-    def mailbox(self, key: str) -> defer.Deferred[Any]:
-        return self._call("mailbox", key)
-
-    def answer(self, value: Any) -> None:
-        """Answer every pending call with C{value}."""
-        pending, self.pending = self.pending, []
-        for d in pending:
-            if isinstance(value, Exception):
-                d.errback(Failure(value))
-            else:
-                d.callback(value)
-
-
 def _result(answer: defer.Deferred[bytes] | bytes, case: SynchronousTestCase) -> bytes:
     return answer if isinstance(answer, bytes) else case.successResultOf(answer)
 
@@ -426,7 +388,7 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.redis = FakeRedis(self.clock)
         self.cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
-        self.client = FakeClient()
+        self.client = FakeLookupClient()
         self.metrics = Metrics(process=False)
         self.lookups = Lookups(self.client, self.cache, self.metrics, self.clock, "+")  # type: ignore[arg-type]
 

@@ -5,9 +5,6 @@ C{StringTransport}, with lookups answered by a fake client the test drives.
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -15,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.doubles import FakeLookupClient
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.socketmap import (
@@ -28,40 +26,13 @@ from userli_postfix.socketmap import (
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 
 
-class FakeClient:
-    """The lookup endpoints, answered by hand: C{pending[(endpoint, key)]}."""
-
-    def __init__(self) -> None:
-        self.pending: dict[tuple[str, str], defer.Deferred[Any]] = {}
-
-    def _call(self, endpoint: str, key: str) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.pending[endpoint, key] = d
-        return d
-
-    def alias(self, address: str) -> defer.Deferred[Any]:
-        return self._call("alias", address)
-
-    def senders(self, address: str) -> defer.Deferred[Any]:
-        return self._call("senders", address)
-
-    def domain(self, name: str) -> defer.Deferred[Any]:
-        return self._call("domain", name)
-
-    def mailbox(self, address: str) -> defer.Deferred[Any]:
-        return self._call("mailbox", address)
-
-    def answer(self, endpoint: str, key: str, value: Any) -> None:
-        self.pending.pop((endpoint, key)).callback(value)
-
-
 class SocketmapTestCase(SynchronousTestCase):
     """A socketmap factory over fake lookups, a L{Clock} and a fresh registry."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.metrics = Metrics(process=False)
-        self.client = FakeClient()
+        self.client = FakeLookupClient()
         lookups = Lookups(self.client, None, self.metrics, self.clock)  # type: ignore[arg-type]
         self.factory = SocketmapFactory(self.clock, lookups, self.metrics)
 
@@ -93,7 +64,7 @@ class FramingTests(SocketmapTestCase):
         """One request netstring gets one reply netstring."""
         protocol, transport = self.connect()
         protocol.dataReceived(netstring(b"domain example.org"))
-        self.client.answer("domain", "example.org", True)
+        self.client.answerFor("domain", "example.org", True)
         self.assertEqual(transport.value(), b"4:OK 1,")
 
     def test_split_chunks(self) -> None:
@@ -102,7 +73,7 @@ class FramingTests(SocketmapTestCase):
         data = netstring(b"alias a@example.org")
         for i in range(len(data)):
             protocol.dataReceived(data[i : i + 1])
-        self.client.answer("alias", "a@example.org", ["b@example.org"])
+        self.client.answerFor("alias", "a@example.org", ["b@example.org"])
         self.assertEqual(transport.value(), netstring(b"OK b@example.org"))
 
     def test_pipelined_in_order(self) -> None:
@@ -117,10 +88,10 @@ class FramingTests(SocketmapTestCase):
             + netstring(b"mailbox b@example.org")
             + netstring(b"domain example.org")
         )
-        self.client.answer("domain", "example.org", False)
-        self.client.answer("mailbox", "b@example.org", True)
+        self.client.answerFor("domain", "example.org", False)
+        self.client.answerFor("mailbox", "b@example.org", True)
         self.assertEqual(transport.value(), b"")
-        self.client.answer("alias", "a@example.org", ["c@example.org"])
+        self.client.answerFor("alias", "a@example.org", ["c@example.org"])
         self.assertEqual(
             transport.value(),
             netstring(b"OK c@example.org")
@@ -140,7 +111,7 @@ class FramingTests(SocketmapTestCase):
         protocol, transport = self.connect()
         protocol.dataReceived(netstring(b"domain exa mple.org"))
         self.assertEqual(transport.value(), netstring(b"NOTFOUND "))
-        self.assertEqual(self.client.pending, {})
+        self.assertEqual(self.client.pending, [])
 
     def test_largest_request(self) -> None:
         """A request of exactly the largest accepted size is answered."""
@@ -176,7 +147,7 @@ class MalformedTests(SocketmapTestCase):
         bad.dataReceived(b"garbage")
         self.assertTrue(badTransport.disconnecting)
         bad.connectionLost(Failure(ConnectionDone()))
-        self.client.answer("domain", "example.org", True)
+        self.client.answerFor("domain", "example.org", True)
         self.assertEqual(goodTransport.value(), netstring(b"OK 1"))
         self.assertFalse(goodTransport.disconnecting)
         good.dataReceived(netstring(b"alias x"))
@@ -209,7 +180,7 @@ class ConnectionTests(SocketmapTestCase):
         protocol.dataReceived(netstring(b"domain example.org"))
         self.clock.advance(IDLE_TIMEOUT * 2)
         self.assertFalse(transport.disconnecting)
-        self.client.answer("domain", "example.org", True)
+        self.client.answerFor("domain", "example.org", True)
         self.assertEqual(transport.value(), netstring(b"OK 1"))
 
     def test_limit(self) -> None:
@@ -239,7 +210,7 @@ class MetricsTests(SocketmapTestCase):
             + netstring(b"alias not-an-address")
             + netstring(b"bogus x")
         )
-        self.client.answer("domain", "example.org", True)
+        self.client.answerFor("domain", "example.org", True)
         name = "userli_postfix_adapter_requests_total"
         self.assertEqual(self.sample(name, handler="domain", status="success"), 1)
         self.assertEqual(self.sample(name, handler="alias", status="notfound"), 1)
