@@ -163,7 +163,27 @@ class DaemonService(MultiService):
         if self._inherited is None:
             for description in self._descriptions.values():
                 removeStaleSocket(description)
+        self._catchEarlySignals()
         super().privilegedStartService()
+
+    def _catchEarlySignals(self) -> None:
+        """
+        The listeners accept from here on, but twistd installs its signal
+        handlers only when the reactor runs; a SIGTERM in between (a
+        supervisor or a test that stops the daemon as soon as it answers)
+        would kill the process outright.  Until Twisted's own handlers
+        replace this one, such a signal asks for the usual graceful stop.
+        """
+        from twisted.internet import reactor
+
+        if self._clock is not reactor:
+            return
+
+        def stopWhenRunning(number: int, frame: Any) -> None:
+            reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, stopWhenRunning)
 
     def startService(self) -> None:
         if self._redis is not None:
