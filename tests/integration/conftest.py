@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_userli import FakeUserliServer, UserliData
-from tests.integration.harness import Daemon, RedisServer
+from tests.integration.harness import Daemon, RedisServer, wait_for
 
 DOMAIN = "example.org"
 
@@ -105,7 +105,14 @@ def start_daemon(tmp_path: Path, fake_userli: FakeUserliServer) -> Iterator[Star
             settings, tmp_path / f"daemon-{len(daemons)}", socketmap=socketmap, sasl=sasl
         )
         daemons.append(daemon)
+        connected = redis is not None and redis.running and settings.get("REDIS_URL") == redis.url
+        before = redis.clients() if connected and redis is not None else 0
         daemon.start()
+        if connected and redis is not None:
+            # The daemon connects to Redis in the background; until then the
+            # policy server fails open and lookups miss the cache, which is
+            # right for the daemon but not what a test asking at once means.
+            wait_for(lambda: redis.clients() > before, "the daemon to connect to Redis")
         return daemon
 
     try:

@@ -214,6 +214,11 @@ class RedisServer:
             process.kill()
         process.wait()
 
+    def clients(self) -> int:
+        """How many connections other than this question's own are open."""
+        listing = str(self.command("CLIENT", "LIST"))
+        return sum(1 for line in listing.splitlines() if line and "cmd=client" not in line)
+
     def command(self, *args: str | bytes | int) -> object:
         """
         Send one command, return the decoded reply: C{str} for simple and

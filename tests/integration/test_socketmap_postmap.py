@@ -369,19 +369,6 @@ class TestCache:
             assert redis.command("KEYS", "userli:lookup:*") == []
 
 
-def redis_connected(redis_server: RedisServer) -> None:
-    """
-    Wait until the daemon's Redis connection is up: it connects in the
-    background, and a lookup before that is (rightly) a cache miss.
-    """
-
-    def daemon_clients() -> bool:
-        listing = str(redis_server.command("CLIENT", "LIST"))
-        return any("cmd=client" not in line for line in listing.splitlines() if line)
-
-    wait_for(daemon_clients, "the daemon to connect to Redis")
-
-
 class TestRedisLayout:
     """The Redis cache uses the Go program's layout, so both can share one Redis."""
 
@@ -410,7 +397,6 @@ class TestRedisLayout:
             redis=redis_server,
             env={"LOOKUP_CACHE_TTL": "2m", "POSTFIX_RECIPIENT_DELIMITER": "+"},
         )
-        redis_connected(redis_server)
         found(daemon, map_name, key)
         redis_key = f"userli:lookup:{map_name}:{key}"
         assert redis_server.command("GET", redis_key) == value
@@ -424,7 +410,6 @@ class TestRedisLayout:
         redis_server.command("SET", f"userli:lookup:alias:legacy@{DOMAIN}", "OK old@example.net")
         redis_server.command("SET", f"userli:lookup:mailbox:legacy@{DOMAIN}", "OK 1")
         daemon = start_daemon(redis=redis_server)
-        redis_connected(redis_server)
         assert found(daemon, "alias", f"legacy@{DOMAIN}") == "old@example.net"
         assert found(daemon, "mailbox", f"legacy@{DOMAIN}") == "1"
         assert fake_userli.requests() == []
@@ -437,12 +422,10 @@ class TestRedisLayout:
         down: the cache outlives the process, as with the Go program.
         """
         first = start_daemon(redis=redis_server)
-        redis_connected(redis_server)
         assert found(first, "alias", f"team@{DOMAIN}") == f"{ALICE},{BOB}"
         first.kill()
         fake_userli.set_mode(REFUSED)
         second = start_daemon(redis=redis_server)
-        redis_connected(redis_server)
         assert found(second, "alias", f"team@{DOMAIN}") == f"{ALICE},{BOB}"
         assert api_keys(fake_userli, "alias") == [f"team@{DOMAIN}"]
 
