@@ -325,6 +325,10 @@ class PostfixInstance:
             "biff": "no",
             "append_dot_mydomain": "no",
             "smtpd_error_sleep_time": "0",
+            # A service whose process died at start (e.g. while a test had
+            # the daemon down) is throttled for 60 s by default, longer than
+            # a test waits for a greeting.
+            "service_throttle_time": "1s",
             "in_flow_delay": "0",
             "queue_run_delay": "1s",
             "minimal_backoff_time": "1s",
