@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from twisted.application.service import Application, IServiceCollection
@@ -170,7 +172,9 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_addresses(self) -> None:
         """Configured addresses are used: interfaces, other ports, UNIX sockets."""
-        path = self.mktemp()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "sasl")
         service, reactor = self.build(
             SOCKETMAP_LISTEN_ADDR="127.0.0.1:20001",
             POLICY_LISTEN_ADDR=":20003",
