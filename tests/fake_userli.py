@@ -456,8 +456,11 @@ class FakeUserliServer:
         host: str = "127.0.0.1",
         port: int = 0,
         latency: float = 0.0,
+        tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.fake = FakeUserli(data, latency=latency)
+        # (certificate, key) as PEM: serve HTTPS with them.
+        self.tls = tls
         self.fake.onModeChange = self._modeChanged
         self.host = host
         self.port = port
@@ -469,6 +472,9 @@ class FakeUserliServer:
     @property
     def url(self) -> str:
         """The base URL to give the daemon as C{USERLI_BASE_URL}."""
+        if self.tls is not None:
+            # The name the certificate is for.
+            return f"https://localhost:{self.port}"
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
@@ -499,8 +505,19 @@ class FakeUserliServer:
 
     def _listen(self) -> None:
         if self._listening is None:
+            factory: Any = self._site
+            if self.tls is not None:
+                from twisted.internet.ssl import PrivateCertificate
+                from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                certificate = PrivateCertificate.loadPEM(b"".join(self.tls))
+                # Not listenSSL: its TLS layer would flush writes on the
+                # global reactor, which does not run in this thread.
+                factory = TLSMemoryBIOFactory(
+                    certificate.options(), False, self._site, clock=self._reactor
+                )
             self._listening = self._reactor.listenTCP(
-                self.port, self._site, backlog=1024, interface=self.host
+                self.port, factory, backlog=1024, interface=self.host
             )
             self.port = self._listening.getHost().port  # type: ignore[union-attr]
 

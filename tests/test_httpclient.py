@@ -10,7 +10,6 @@ server had closed, cancellation, and refusal of what is not HTTP.
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 from OpenSSL import SSL
@@ -27,6 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from tests.certificates import self_signed
 from userli_postfix.httpclient import (
     MAX_BODY,
     HTTPProtocolError,
@@ -574,45 +574,11 @@ class UserliBodyLimitTests(SynchronousTestCase):
         self.assertIn("too large", str(self.failureResultOf(d, UserliError).value))
 
 
-def _selfSigned() -> tuple[bytes, bytes]:
-    """A certificate for localhost (and its key), signed by itself, as PEM."""
-    from datetime import datetime, timedelta
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        certificate.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-
-
 class HTTPSTests(TestCase):
     """HTTPS through L{ReusedEndpoints}: certificates are checked."""
 
     def setUp(self) -> None:
-        self.certificate, key = _selfSigned()
+        self.certificate, key = self_signed()
         server = PrivateCertificate.loadPEM(self.certificate + key)
         self.resource = Server()
         port = reactor.listenSSL(  # type: ignore[attr-defined]

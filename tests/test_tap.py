@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from userli_postfix import __version__, tap
+from userli_postfix import __version__, daemon, tap
 from userli_postfix.cache import MemoryCache
 from userli_postfix.config import SETTINGS, Config
 from userli_postfix.socketmap import SocketmapFactory, netstring
@@ -218,7 +218,7 @@ class MakeServiceTests(SynchronousTestCase):
         protocol.dataReceived(netstring(b"domain example.org"))
         d = service.stopService()
         self.assertNoResult(d)
-        reactor.advance(tap.SHUTDOWN_GRACE)
+        reactor.advance(daemon.SHUTDOWN_GRACE)
         self.assertTrue(transport.disconnected)
         protocol.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(d)

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet.endpoints import serverFromString
-
 
 class ConfigError(ValueError):
     """A configuration value is missing or unusable."""
@@ -146,6 +144,10 @@ def listen_endpoint(variable: str, value: str) -> str:
             description = f"tcp:{port}:interface={host}:backlog={LISTEN_BACKLOG}"
         else:
             description = f"tcp:{port}:backlog={LISTEN_BACKLOG}"
+    # Imported here, not at the top: whether Twisted is loaded with TLS
+    # support depends on this configuration (see L{userli_postfix.notls}).
+    from twisted.internet.endpoints import serverFromString
+
     try:
         # Building the endpoint checks the description; the reactor is only
         # stored, and none is needed (nor the 2 MB of a fake one) to check.
@@ -364,6 +366,53 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def raw_values(
+    environ: Mapping[str, str], options: Mapping[str, str | None] | None = None
+) -> dict[str, str | None]:
+    """
+    Every setting's unchecked value keyed by variable name: the twistd option
+    (keyed by option name) if given, else the environment, else the default.
+    """
+    options = options or {}
+    raw: dict[str, str | None] = {}
+    for setting in SETTINGS:
+        value = options.get(setting.option)
+        if value is None:
+            value = environ.get(setting.variable)
+        if value is None:
+            value = setting.default
+        raw[setting.variable] = value
+    return raw
+
+
+LISTEN_VARIABLES = (
+    "SOCKETMAP_LISTEN_ADDR",
+    "POLICY_LISTEN_ADDR",
+    "METRICS_LISTEN_ADDR",
+    "SASL_LISTEN_ADDR",
+)
+
+
+def uses_tls(raw: Mapping[str, str | None]) -> bool:
+    """
+    Whether raw values (see L{raw_values}) ask for TLS anywhere: an
+    C{https://} Userli, a C{rediss://} Redis or an C{ssl:} listener.
+
+    Read from the unchecked text, before anything of Twisted's networking
+    is imported, and erring towards yes: a value that merely looks like TLS
+    only costs the memory of loading OpenSSL.
+    """
+
+    def value(name: str) -> str:
+        return (raw.get(name) or "").strip().lower()
+
+    return (
+        value("USERLI_BASE_URL").startswith("https:")
+        or value("REDIS_URL").startswith("rediss:")
+        or any(value(name).startswith("ssl:") for name in LISTEN_VARIABLES)
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The daemon's whole configuration, checked."""
@@ -394,16 +443,7 @@ class Config:
 
         @raise ConfigError: naming the first variable that is wrong.
         """
-        options = options or {}
-        raw: dict[str, str | None] = {}
-        for setting in SETTINGS:
-            value = options.get(setting.option)
-            if value is None:
-                value = environ.get(setting.variable)
-            if value is None:
-                value = setting.default
-            raw[setting.variable] = value
-        return cls.from_values(raw)
+        return cls.from_values(raw_values(environ, options))
 
     @classmethod
     def from_values(cls, raw: Mapping[str, str | None]) -> Config:

@@ -18,7 +18,6 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -170,7 +169,12 @@ class RedisClient:
                 uuid, handler = f"{t.host}:{t.port}", txredisapi.ConnectionHandler
                 # rediss:// checks the server's certificate and host name
                 # against the system's trust store, as go-redis does.
-                tls = optionsForClientTLS(t.host) if t.tls else None
+                tls = None
+                if t.tls:
+                    # Only a rediss:// configuration loads TLS (see notls).
+                    from twisted.internet.ssl import optionsForClientTLS
+
+                    tls = optionsForClientTLS(t.host)
                 endpoint = txredisapi._makeEndpoint(t.host, t.port, CONNECT_TIMEOUT, tls)
             factory = _Factory(
                 uuid,

@@ -33,7 +33,7 @@ from tests.integration.clients import (
 )
 from tests.integration.conftest import DOMAIN, StartDaemon
 from tests.integration.harness import RedisServer, wait_for
-from userli_postfix.tap import SHUTDOWN_GRACE
+from userli_postfix.daemon import SHUTDOWN_GRACE
 
 pytestmark = pytest.mark.integration
 

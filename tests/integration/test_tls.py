@@ -1,0 +1,90 @@
+"""
+TLS is loaded when the configuration asks for it, and only then: a daemon
+reaching Userli over C{http://} runs without pyOpenSSL (and its 13 MB), one
+reaching it over C{https://} checks the certificate against the trust
+store like any HTTPS client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.certificates import self_signed
+from tests.fake_userli import FakeUserliServer
+from tests.integration.conftest import DOMAIN, StartDaemon, userli_data
+from tests.integration.harness import Daemon, postmap
+
+pytestmark = pytest.mark.integration
+
+ALICE = f"alice@{DOMAIN}"
+
+# cryptography's compiled bindings, which pyOpenSSL loads.
+OPENSSL_BINDINGS = "cryptography/hazmat/bindings"
+
+
+def mapped_files(daemon: Daemon) -> str:
+    """The files mapped into the daemon's memory (its shared libraries)."""
+    return Path(f"/proc/{daemon.pid}/maps").read_text()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> Iterator[tuple[bytes, bytes, Path]]:
+    """A certificate for localhost, its key, and a CA file trusting it."""
+    pem, key = self_signed()
+    trusted = tmp_path / "ca.pem"
+    trusted.write_bytes(pem)
+    yield pem, key, trusted
+
+
+@pytest.fixture
+def https_userli(certificate: tuple[bytes, bytes, Path]) -> Iterator[FakeUserliServer]:
+    """The fake Userli over HTTPS, with a certificate for localhost."""
+    pem, key, _ = certificate
+    server = FakeUserliServer(userli_data(), tls=(pem, key))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_plain_http_runs_without_openssl(start_daemon: StartDaemon) -> None:
+    """With no TLS configured, pyOpenSSL is never loaded, and lookups work."""
+    daemon = start_daemon()
+    assert daemon.env["USERLI_BASE_URL"].startswith("http://")
+    status, out, _ = postmap(ALICE, daemon.socketmap_target("mailbox"))
+    assert (status, out.strip()) == (0, "1")
+    assert OPENSSL_BINDINGS not in mapped_files(daemon)
+
+
+def test_https_userli(
+    start_daemon: StartDaemon,
+    https_userli: FakeUserliServer,
+    certificate: tuple[bytes, bytes, Path],
+) -> None:
+    """An https:// Userli whose certificate the trust store vouches for is used."""
+    daemon = start_daemon(
+        env={"USERLI_BASE_URL": https_userli.url, "SSL_CERT_FILE": str(certificate[2])}
+    )
+    status, out, _ = postmap(ALICE, daemon.socketmap_target("mailbox"))
+    assert (status, out.strip()) == (0, "1"), daemon.output()
+    assert [r.key for r in https_userli.fake.requests("mailbox")] == [ALICE]
+    assert OPENSSL_BINDINGS in mapped_files(daemon)
+
+
+def test_https_untrusted_certificate(
+    start_daemon: StartDaemon, https_userli: FakeUserliServer, tmp_path: Path
+) -> None:
+    """A certificate nothing vouches for is refused: a temporary failure, no answer."""
+    other, _ = self_signed()
+    (tmp_path / "other.pem").write_bytes(other)
+    daemon = start_daemon(
+        env={"USERLI_BASE_URL": https_userli.url, "SSL_CERT_FILE": str(tmp_path / "other.pem")}
+    )
+    status, _, err = postmap(ALICE, daemon.socketmap_target("mailbox"))
+    assert status != 0
+    assert "temporary" in err.lower()
+    assert https_userli.fake.requests("mailbox") == []
