@@ -32,6 +32,7 @@ from userli_postfix.workers import (
     RecordingEndpoint,
     WorkerPool,
     _removeMetrics,
+    acceptOneAtATime,
     childEnvironment,
     inheritedListeners,
 )
@@ -356,3 +357,55 @@ class AdoptedEndpointTests(SynchronousTestCase):
         self.assertEqual(reactor.adopted, [(fd, socket.AF_INET, factory)])
         self.assertEqual(port.fileno(), fd)
         self.assertRaises(OSError, os.fstat, fd)
+
+
+class AcceptOneAtATimeTests(SynchronousTestCase):
+    """L{acceptOneAtATime}: a shared port takes one connection per wake-up."""
+
+    def listen(self, onePerWakeUp: bool) -> tuple[Any, list[Any], tuple[str, int]]:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        built: list[Any] = []
+
+        class Recording(Factory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                built.append(addr)
+                return Protocol()
+
+        port: Any = reactor.listenTCP(0, Recording(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        # Driven by hand below, not by the reactor (which does not run here).
+        port.stopReading()
+        self.addCleanup(port.connectionLost, None)
+        if onePerWakeUp:
+            acceptOneAtATime(port)
+        address = port.getHost()
+        return port, built, (address.host, address.port)
+
+    def pending(self, address: tuple[str, int], count: int) -> None:
+        """Open C{count} connections the kernel has queued, not yet accepted."""
+        for _ in range(count):
+            client = socket.create_connection(address)
+            self.addCleanup(client.close)
+
+    def test_one_per_wake_up(self) -> None:
+        """Three queued connections take three wake-ups, even after a busy round."""
+        port, built, address = self.listen(onePerWakeUp=True)
+        self.pending(address, 3)
+        for expected in (1, 2, 3):
+            port.doRead()
+            self.assertEqual(len(built), expected)
+            self.assertEqual(port.numberAccepts, 1)
+
+    def test_twisted_default_takes_the_burst(self) -> None:
+        """Without it, one wake-up takes everything queued (what this changes)."""
+        port, built, address = self.listen(onePerWakeUp=False)
+        self.pending(address, 3)
+        port.doRead()
+        self.assertEqual(len(built), 3)
+
+    def test_fake_ports_left_alone(self) -> None:
+        """A port without an accept loop (a test double) is not touched."""
+        port = FakePort(0)
+        acceptOneAtATime(port)
+        self.assertIs(type(port), FakePort)

@@ -112,7 +112,39 @@ class AdoptedEndpoint:
         finally:
             # The reactor works on its own duplicate.
             os.close(self._fd)
+        acceptOneAtATime(port)
         return defer.succeed(port)
+
+
+class _OneAtATime:
+    """Mixed into a listening port: one C{accept} each time it is readable."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        """Twisted raises the number after a busy round; it stays 1."""
+
+
+def acceptOneAtATime(port: Any) -> None:
+    """
+    Make a shared listening port take one new connection per wake-up.
+
+    Every process is woken when a connection arrives on a socket they
+    share, but Twisted's port accepts up to 100 at a time: the first
+    process to run takes a whole burst, which is how a load generator or a
+    restarted Postfix (all its smtpd processes reconnecting at once) ends
+    up with 49 of 50 connections on one worker and the other core idle.
+    Taking one at a time lets the processes share out a burst, and a busy
+    process, slower to come back for the next, takes fewer.  Connections
+    to Postfix's maps are long-lived, so the accept rate this costs never
+    matters.
+    """
+    if hasattr(type(port), "numberAccepts") or not hasattr(port, "numberAccepts"):
+        return
+    port.__class__ = type(type(port).__name__, (_OneAtATime, type(port)), {})
 
 
 @implementer(IStreamServerEndpoint)
@@ -130,6 +162,7 @@ class RecordingEndpoint:
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         def record(port: IListeningPort) -> IListeningPort:
             self._ports[self._name] = port
+            acceptOneAtATime(port)
             return port
 
         return self._endpoint.listen(factory).addCallback(record)
