@@ -231,6 +231,18 @@ class OrderingTests(ListenerTestCase):
         self.factory.answer(b"a")
         self.assertEqual(transport.value(), b"")
 
+    def test_answer_after_close_holds_nothing(self) -> None:
+        """
+        No timer is armed for a connection that is gone: the idle timer
+        would keep the dead connection (and all it holds) in memory for the
+        whole idle timeout, 5.5 minutes for the policy server.
+        """
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"a\n")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.factory.answer(b"a")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
 
 class LimitTests(ListenerTestCase):
     """At most 500 connections per listener, like the Go program."""

@@ -149,6 +149,10 @@ class ServingMixin(TimeoutMixin):
         return len(self.replies)
 
     def _repliesChanged(self) -> None:
+        if self.replies.closed:
+            # An answer that came after the client left: arming the idle
+            # timer would keep this dead connection alive until it fires.
+            return
         pending = len(self.replies)
         if pending:
             self.setTimeout(None)
