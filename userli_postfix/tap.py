@@ -18,9 +18,9 @@ from twisted.python import usage
 from userli_postfix import __version__, notls
 from userli_postfix.config import SETTINGS, Config, ConfigError, raw_values, uses_tls
 
-# Everything the daemon runs on, imported before it is built (with TLS
-# support only when the configuration asks for TLS).
-DAEMON_MODULES = ("txredisapi", "userli_postfix.daemon")
+# The daemon and everything it runs on (txredisapi, klein, ...), imported
+# before it is built (with TLS support only when the configuration asks).
+DAEMON_MODULES = ("userli_postfix.daemon",)
 
 
 class Options(usage.Options):

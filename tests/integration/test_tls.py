@@ -31,12 +31,12 @@ def mapped_files(daemon: Daemon) -> str:
 
 
 @pytest.fixture
-def certificate(tmp_path: Path) -> Iterator[tuple[bytes, bytes, Path]]:
+def certificate(tmp_path: Path) -> tuple[bytes, bytes, Path]:
     """A certificate for localhost, its key, and a CA file trusting it."""
     pem, key = self_signed()
     trusted = tmp_path / "ca.pem"
     trusted.write_bytes(pem)
-    yield pem, key, trusted
+    return pem, key, trusted
 
 
 @pytest.fixture
