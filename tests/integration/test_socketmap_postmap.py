@@ -399,6 +399,11 @@ class TestRedisLayout:
         )
         found(daemon, map_name, key)
         redis_key = f"userli:lookup:{map_name}:{key}"
+        # The answer leaves before its write to Redis lands: wait for it.
+        wait_for(
+            lambda: redis_server.command("GET", redis_key) is not None,
+            "the answer to be written to Redis",
+        )
         assert redis_server.command("GET", redis_key) == value
         ttl = redis_server.command("TTL", redis_key)
         assert isinstance(ttl, int) and 0 < ttl <= 120
