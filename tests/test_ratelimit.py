@@ -23,6 +23,7 @@ from userli_postfix.ratelimit import (
     DAY_NS,
     HOUR_NS,
     KEY_TTL_SECONDS,
+    MAX_KEPT,
     SCRIPT,
     SCRIPT_SHA,
     MemoryRateLimiter,
@@ -228,7 +229,10 @@ class MembersKeptTests(SynchronousTestCase):
     """The trimming rule: how many of a window's newest members are kept."""
 
     def test_table(self) -> None:
-        """One more than the larger non-zero limit; all when neither is set."""
+        """
+        One more than the larger non-zero limit; all when neither is set,
+        or when the larger is beyond any rate a sender can reach.
+        """
         table = [
             (Quota(3, 0), 4),
             (Quota(0, 3), 4),
@@ -236,6 +240,9 @@ class MembersKeptTests(SynchronousTestCase):
             (Quota(20, 3), 21),
             (Quota(1, 1), 2),
             (Quota(0, 0), 0),
+            (Quota(MAX_KEPT - 1, 5), MAX_KEPT),
+            (Quota(5, MAX_KEPT), 0),
+            (Quota(10**30, 0), 0),
         ]
         for quota, expected in table:
             self.assertEqual(members_kept(quota), expected, quota)

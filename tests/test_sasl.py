@@ -779,6 +779,24 @@ class OneLoginAtATimeTests(SASLTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.fake.requests("auth")), total)
         self.assertEqual(protocol.outstanding, 0)
 
+    def test_drainWhilePaused(self) -> None:
+        """
+        At shutdown, a paused connection's lines still unread are parsed
+        and answered within the grace period before the connection closes.
+        """
+        protocol, transport = self.connect()
+        total = MAX_QUEUED + 2
+        self.send(
+            protocol,
+            *(self.auth(n, "PLAIN", b"resp=" + plain(ALICE, f"g{n}")) for n in range(1, total + 1)),
+        )
+        self.assertEqual(transport.producerState, "paused")
+        drained = self.factory.drain(DELAY * (total + 1))
+        self.assertNoResult(drained)
+        self.clock.pump([DELAY] * total)
+        self.assertEqual(len(self.replies(transport)), total)
+        self.assertTrue(transport.disconnecting)
+
     def test_closedWhileQueued(self) -> None:
         """Logins still queued when the client leaves are never asked."""
         protocol, transport = self.connect()

@@ -62,6 +62,12 @@ DAY_NS = 24 * HOUR_NS
 KEY_TTL_SECONDS = 25 * 3600
 KEY_TTL_NS = KEY_TTL_SECONDS * NS_PER_SECOND
 
+# A limit this large is never reached (it would take over 11,000 messages a
+# second for a day); the window is then kept whole, as the Go program keeps
+# it.  Also keeps the rank the script computes from it an integer that Lua
+# writes out as one (doubles print in exponent form from 1e14 on).
+MAX_KEPT = 10**9
+
 # Steps sent to Redis in one script call at most; a call of this size keeps
 # Redis busy for well under a millisecond.
 MAX_BATCH = 128
@@ -171,7 +177,9 @@ def members_kept(quota: Quota) -> int:
     new quota's room sooner than the whole window would give.
     """
     largest = max(quota.per_hour, quota.per_day)
-    return largest + 1 if largest > 0 else 0
+    if largest <= 0 or largest >= MAX_KEPT:
+        return 0
+    return largest + 1
 
 
 def exceeds(quota: Quota, hour_count: int, day_count: int) -> bool:

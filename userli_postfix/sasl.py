@@ -671,6 +671,11 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             self.setTimeout(self.idleTimeout())
 
     def _inflightChanged(self) -> None:
+        if self._paused and self._inflight < MAX_QUEUED // 2 and not self._closed:
+            self._paused = False
+            # Parses the lines received meanwhile (which may pause again),
+            # before a draining connection is found idle and closed.
+            self.resumeProducing()
         if self._inflight:
             self.setTimeout(None)
             if self._inflight >= MAX_QUEUED and not self._paused:
@@ -681,10 +686,6 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         else:
             self.setTimeout(self.idleTimeout())
             self._closeIfDrained()
-        if self._paused and self._inflight < MAX_QUEUED // 2 and not self._closed:
-            self._paused = False
-            # Parses the lines received meanwhile, which may pause again.
-            self.resumeProducing()
 
 
 def _field(raw: bytes) -> str:

@@ -34,6 +34,7 @@ from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import (
     DAY_NS,
     HOUR_NS,
+    MAX_KEPT,
     RateLimiter,
     RateLimitError,
     RedisRateLimiter,
@@ -260,6 +261,16 @@ class GoLayoutTests(RedisTestMixin, SynchronousTestCase):
         self.assertEqual(self.step(quota), Verdict(False, 11, 11))
         self.assertEqual(self.server.command("ZCARD", KEY), 11)
         self.assertFalse(self.goStep(quota, "ffffffff"))
+
+    def test_largeLimits(self) -> None:
+        """
+        The largest limits are counted right too: one just below
+        L{MAX_KEPT} (the script trims to a rank of a billion) and one beyond
+        it (the window is kept whole).
+        """
+        for quota in (Quota(per_hour=MAX_KEPT - 1, per_day=0), Quota(0, 10**15)):
+            self.assertEqual(self.step(quota).allowed, True)
+        self.assertEqual(self.step(Quota(per_hour=2, per_day=0)), Verdict(False, 3, 3))
 
     def test_alternating(self) -> None:
         """
