@@ -797,6 +797,31 @@ class OneLoginAtATimeTests(SASLTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.replies(transport)), total)
         self.assertTrue(transport.disconnecting)
 
+    def test_brokenDecisionDoesNotStall(self) -> None:
+        """
+        A decision that fails unexpectedly (a bug) is logged, and the logins
+        queued behind it are still decided and answered.
+        """
+        real = self.authenticator.login
+        calls: list[str] = []
+
+        def login(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args[1])
+            if len(calls) == 1:
+                raise RuntimeError("bug")
+            return real(*args, **kwargs)
+
+        self.authenticator.login = login  # type: ignore[method-assign]
+        protocol, transport = self.connect()
+        self.send(
+            protocol,
+            self.auth(1, "PLAIN", self.WRONG[0]),
+            self.auth(2, "PLAIN", b"resp=" + plain(ALICE, SECRET)),
+        )
+        self.assertEqual(self.replies(transport), [b"OK\t2\tuser=alice@example.org"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(protocol.outstanding, 0)
+
     def test_closedWhileQueued(self) -> None:
         """Logins still queued when the client leaves are never asked."""
         protocol, transport = self.connect()

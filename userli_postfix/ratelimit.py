@@ -408,7 +408,7 @@ class RedisRateLimiter:
             if isinstance(answer, Verdict):
                 waiter.callback(answer)
             else:
-                waiter.errback(Failure(answer))
+                waiter.errback(answer)
 
     def _fail(self, failure: Failure, waiters: list[defer.Deferred[Verdict]]) -> None:
         self._errors.inc(len(waiters))

@@ -343,7 +343,8 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         self._deciding: dict[str, object] = {}
         # Logins not started yet: (id, token, start), oldest first.
         self._queue: deque[tuple[str, object, Callable[[], defer.Deferred[Verdict]]]] = deque()
-        self._running = False
+        # The token of the login being decided, if any.
+        self._running: object | None = None
         self._advancing = False
         self._inflight = 0
         self._closed = False
@@ -615,17 +616,17 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             return
         self._advancing = True
         try:
-            while not self._running and self._queue and not self._closed:
+            while self._running is None and self._queue and not self._closed:
                 request_id, token, start = self._queue.popleft()
-                self._running = True
+                self._running = token
                 verdict = defer.maybeDeferred(start)
                 verdict.addCallback(self._answer, request_id, token)
-                verdict.addErrback(self._lost)
+                verdict.addErrback(self._lost, token)
         finally:
             self._advancing = False
 
     def _answer(self, result: Verdict, request_id: str, token: object) -> None:
-        self._running = False
+        self._running = None
         self._inflight -= 1
         if not self._closed and self._deciding.get(request_id) is token:
             del self._deciding[request_id]
@@ -638,11 +639,11 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             self._advance()
             self._inflightChanged()
 
-    def _lost(self, failure: Failure) -> None:
+    def _lost(self, failure: Failure, token: object) -> None:
         # The authenticator never fails; should it, the queue must go on.
         log.failure("SASL reply lost", failure)
-        if self._running:
-            self._running = False
+        if self._running is token:
+            self._running = None
             self._inflight -= 1
         if not self._closed:
             self._advance()
