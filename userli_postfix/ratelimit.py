@@ -391,7 +391,7 @@ class RedisRateLimiter:
                 continue
             if allowed == -1 and isinstance(hour, str | bytes):
                 text = hour.decode("utf-8", "replace") if isinstance(hour, bytes) else hour
-                problem = f"Redis refused the window: {text:.200}"
+                problem = f"Redis refused the step: {text:.200}"
             else:
                 problem = f"unexpected reply from the rate-limit script: {reply!r:.200}"
             problems.append(problem)
