@@ -17,7 +17,9 @@ RUN pip install . \
 
 USER userli-postfix
 WORKDIR /
-EXPOSE 10001 10002 10003 10006
+# Not 10006: the SASL listener (off by default) must only be published on
+# the host's loopback, by hand, never by `docker run -P`.
+EXPOSE 10001 10002 10003
 
 HEALTHCHECK --interval=30s --timeout=3s \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:10002/health', timeout=2).status != 200)"

@@ -6,6 +6,8 @@ cannot be a Userli address must never reach the API.
 
 from __future__ import annotations
 
+import unicodedata
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -72,6 +74,24 @@ class NormaliseAddressTests(SynchronousTestCase):
                 ("user @example.org", None),
                 ("user@ example.org", None),
                 ("user@exa mple.org", None),
+            ]
+        )
+
+    def test_line_breaks_inside(self) -> None:
+        """
+        A line break inside the key refuses it, wherever it is: a pattern
+        ending in C{$} also matches before a final line break, which let
+        C{alice\\n@example.org} through to the API as C{alice%0A@example.org}.
+        """
+        self.assertTable(
+            [
+                ("alice\n@example.org", None),
+                ("alice\r@example.org", None),
+                ("alice@example\n.org", None),
+                ("alice@example.org\n.net", None),
+                ("alice@exa\x0bmple.org", None),
+                ("al\x85ice@example.org", None),
+                ("alice\u2028@example.org", None),
             ]
         )
 
@@ -208,6 +228,14 @@ class DelimiterTests(SynchronousTestCase):
         """Without a configured delimiter, C{+} is just an invalid character."""
         self.assertIsNone(normalise_address("user+tag@example.org", ""))
 
+    def test_control_character_behind_delimiter(self) -> None:
+        """
+        A control character in the tag is not cut away unseen with the tag:
+        the key is refused, as the same key without a delimiter would be.
+        """
+        for raw in ("user+\n@example.org", "user+ta\x00g@example.org", "user+\u200b@example.org"):
+            self.assertIsNone(normalise_address(raw, "+"), repr(raw))
+
     def test_delimiter_in_domain_untouched(self) -> None:
         """Only the local part is cut; a delimiter character in the domain stays."""
         self.assertEqual(
@@ -243,6 +271,9 @@ class NormaliseDomainTests(SynchronousTestCase):
             ("ex ample.org", None),
             ("ex\x00ample.org", None),
             ("ex\u200bample.org", None),
+            ("example.org\n.net", None),
+            ("example\n.org", None),
+            ("exam\rple.org", None),
             ("-a.org", None),
             ("a-.org", None),
             ("a_b.org", None),
@@ -274,3 +305,67 @@ class PropertyTests(SynchronousTestCase):
             if result is not None:
                 for char in "/?#%\\ \t\r\n\x00":
                     self.assertNotIn(char, result)
+
+
+# Characters that may never be inside a key: every control, format and
+# separator character (line breaks, NUL, DEL, C1 controls, zero-width
+# space, BOM, bidi marks, Unicode line and paragraph separators) and
+# whitespace of any kind.
+invisible = st.characters(categories=["Cc", "Cf", "Zs", "Zl", "Zp"]) | st.sampled_from(
+    "\n\r\t\x00\x0b\x0c\x1f\x7f\x85\u200b\u2028\u2029\ufeff "
+)
+local_parts = st.text("abcdefghijklmnopqrstuvwxyz0123456789._-+ABC", min_size=1, max_size=20)
+labels = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True) | st.sampled_from(
+    ["bücher", "例え", "xn--bcher-kva"]
+)
+domains = st.lists(labels, min_size=1, max_size=4).map(".".join)
+addresses = st.builds(lambda local, domain: f"{local}@{domain}", local_parts, domains)
+
+
+def _inside(key: str, position: int, char: str) -> str:
+    """C{char} put strictly between the first and the last character of C{key}."""
+    at = 1 + position % (len(key) - 1)
+    return key[:at] + char + key[at:]
+
+
+class ControlCharacterPropertyTests(SynchronousTestCase):
+    """
+    A key with a control, format or whitespace character anywhere inside
+    is no Userli address, whatever the character, wherever it is, and
+    whatever the delimiter; at the trimmed ends the same characters change
+    nothing.
+    """
+
+    @given(addresses, st.integers(min_value=0), invisible, st.sampled_from(["", "+", "+-"]))
+    def test_address_inside(self, key: str, position: int, char: str, delimiter: str) -> None:
+        """Such a character inside an address key refuses it."""
+        self.assertIsNone(normalise_address(_inside(key, position, char), delimiter))
+
+    @given(domains.filter(lambda d: len(d) > 1), st.integers(min_value=0), invisible)
+    def test_domain_inside(self, domain: str, position: int, char: str) -> None:
+        """Such a character inside a domain key refuses it."""
+        self.assertIsNone(normalise_domain(_inside(domain, position, char)))
+
+    @given(
+        addresses,
+        st.lists(invisible, max_size=3).map("".join),
+        st.lists(invisible, max_size=3).map("".join),
+        st.sampled_from(["", "+"]),
+    )
+    def test_ends_trimmed(self, key: str, before: str, after: str, delimiter: str) -> None:
+        """Around the key, they are trimmed: the key means what it means without them."""
+        self.assertEqual(
+            normalise_address(before + key + after, delimiter), normalise_address(key, delimiter)
+        )
+        domain = key.partition("@")[2]
+        self.assertEqual(normalise_domain(before + domain + after), normalise_domain(domain))
+
+    @given(st.text(max_size=80), st.sampled_from(["", "+", "+-"]))
+    def test_never_in_result(self, raw: str, delimiter: str) -> None:
+        """No accepted key, from any input, holds such a character."""
+        for result in (normalise_address(raw, delimiter), normalise_domain(raw)):
+            if result is not None:
+                self.assertTrue(result.isprintable(), repr(result))
+                self.assertNotIn(" ", result)
+                for char in result:
+                    self.assertNotIn(unicodedata.category(char), ("Cc", "Cf", "Zl", "Zp", "Zs"))

@@ -567,6 +567,53 @@ class ConfigTests(SynchronousTestCase):
             self.assertEqual(error.variable, variable, f"{variable}={value!r}")
             self.assertTrue(str(error).startswith(f"{variable}: "), str(error))
 
+    def test_unicode_digits_and_control_characters(self) -> None:
+        """
+        C{str.isdigit} and C{int} traps: a Unicode digit (superscript, other
+        scripts, full-width) where a number belongs, a line break or another
+        control character inside a value, or a duration too long to be a
+        number, is one L{ConfigError} naming the variable, never another
+        exception (which twistd would print as a traceback).
+        """
+        table = [
+            ("WORKERS", "\u00b2"),
+            ("WORKERS", "1\u00b2"),
+            ("WORKERS", "\u0661"),
+            ("WORKERS", "\uff12"),
+            ("WORKERS", "2\n3"),
+            ("REDIS_URL", "redis://redis/\u00b2"),
+            ("REDIS_URL", "redis://redis/\u0661"),
+            ("REDIS_URL", "redis://redis?db=\uff13"),
+            ("REDIS_URL", "unix:///run/redis.sock?db=\u00b2"),
+            ("REDIS_URL", "redis://redis:\u00b2/0"),
+            ("REDIS_URL", "redis://redis:\u0666\u0663\u0667\u0669/0"),
+            ("REDIS_URL", "redis://redis:\uff16\uff13\uff17\uff19/0"),
+            ("REDIS_URL", "redis://re\x01dis:6379/0"),
+            ("REDIS_SENTINEL_ADDRS", "s1:\u00b2"),
+            ("REDIS_SENTINEL_ADDRS", "s1:\u0662\u0666\u0663\u0667\u0669"),
+            ("REDIS_SENTINEL_ADDRS", "s\x1b1:26379"),
+            ("SOCKETMAP_LISTEN_ADDR", ":\u0661\u0660\u0660\u0660\u0661"),
+            ("POLICY_LISTEN_ADDR", "localhost\n:10003"),
+            ("SASL_LISTEN_ADDR", "127.0.0.1:\u00b2"),
+            ("LOOKUP_CACHE_TTL", "\u00b2s"),
+            ("LOOKUP_CACHE_TTL", "9" * 400 + "h"),
+            ("SASL_FAILURE_DELAY", "\u0662s"),
+            ("USERLI_TOKEN", "tok\nen"),
+            ("USERLI_TOKEN", "t\u00f6ken"),
+            ("USERLI_BASE_URL", "http://userli\x00:8000"),
+            ("POSTFIX_RECIPIENT_DELIMITER", "\x00"),
+            ("POSTFIX_RECIPIENT_DELIMITER", "+\u200b"),
+        ]
+        for variable, value in table:
+            environ = {**TOKEN, "REDIS_URL": "redis://redis", variable: value}
+            error = self.assertRaises(ConfigError, Config.from_sources, environ)
+            self.assertEqual(error.variable, variable, f"{variable}={value!r}")
+
+    def test_rate_limit_message_control_characters(self) -> None:
+        """Control characters in the reject text become spaces: the reply stays one line."""
+        config = Config.from_sources({**TOKEN, "RATE_LIMIT_MESSAGE": "Too\x07 many\x1b[0m mails"})
+        self.assertEqual(config.rate_limit_message, "Too many [0m mails")
+
     def test_token_required(self) -> None:
         """Without C{USERLI_TOKEN} the daemon refuses to start, as the Go program does."""
         error = self.assertRaises(ConfigError, Config.from_sources, {})

@@ -13,6 +13,7 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -211,6 +212,76 @@ class NormalisationTests(LookupTestCase):
         self.assertEqual(
             self.count("userli_postfix_adapter_requests_total", handler="alias", status="notfound"),
             7,
+        )
+
+
+class ControlCharacterKeyTests(LookupTestCase):
+    """
+    A control, format or whitespace character inside a key makes it no
+    Userli address or domain, for every map: C{NOTFOUND}, no API call, no
+    cache read, and the key in no log line.
+    """
+
+    KEYS = [
+        b"alice\n@example.org",
+        b"alice\r\n@example.org",
+        b"ali\x00ce@example.org",
+        b"alice@example.org\n.net",
+        b"alice@exam\tple.org",
+        b"alice+\n@example.org",
+        b"alice\x7f@example.org",
+        b"alice\xc2\x85@example.org",
+        b"alice\xe2\x80\x8b@example.org",
+        b"alice\xe2\x80\xa8@example.org",
+    ]
+    DOMAINS = [
+        b"example.org\n.net",
+        b"example\n.org",
+        b"exa\x00mple.org",
+        b"exa\x1bmple.org",
+        b"exa\xe2\x80\x8bmple.org",
+        b"exa mple.org",
+    ]
+
+    def test_no_api_call(self) -> None:
+        """Every map answers C{NOTFOUND} without asking the API or the cache."""
+        self.lookups = self.build(FailingCache())
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        requests = [
+            mapname + b" " + key
+            for mapname in (b"alias", b"mailbox", b"senders")
+            for key in self.KEYS
+        ] + [b"domain " + key for key in self.DOMAINS]
+        for request in requests:
+            self.assertEqual(self.reply(request), b"NOTFOUND ", request)
+        self.assertEqual(self.client.calls, [])
+        for mapname in ("alias", "domain", "mailbox", "senders"):
+            # The cache is down: a read would have been counted as an error.
+            self.assertEqual(
+                self.count(
+                    "userli_postfix_adapter_lookup_cache_total", handler=mapname, result="error"
+                ),
+                0,
+            )
+        text = "\n".join(formatEvent(event) + repr(event) for event in events)
+        for key in self.KEYS + self.DOMAINS:
+            self.assertNotIn(key.decode("utf-8"), text)
+        for mapname in ("alias", "mailbox", "senders"):
+            self.assertEqual(
+                self.count(
+                    "userli_postfix_adapter_requests_total", handler=mapname, status="notfound"
+                ),
+                len(self.KEYS),
+            )
+
+    def test_trailing_line_break_trimmed(self) -> None:
+        """At the ends of the key, a line break is trimmed as before (as the Go program does)."""
+        self.reply(b"mailbox alice@example.org\r\n", True)
+        self.reply(b"domain example.org\n", True)
+        self.assertEqual(
+            self.client.calls, [("mailbox", "alice@example.org"), ("domain", "example.org")]
         )
 
 

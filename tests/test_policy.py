@@ -13,6 +13,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -713,3 +714,40 @@ class MakePolicyFactoryTests(PolicyTestCase):
             transport.value(), b"action=DUNNO\n\n" * 3 + b"action=REJECT Slow down\n\n"
         )
         self.assertEqual(self.quota_calls(), ["limited@example.org"] * 4)
+
+
+class ControlCharacterIdentityTests(PolicyTestCase):
+    """
+    A login or sender with a control, format or whitespace character inside
+    is no Userli address: no quota is asked for, no window is touched, the
+    message is let through (C{DUNNO}), and the identity is in no log line.
+    """
+
+    IDENTITIES = [
+        "limited\r@example.org",
+        "limited\x00@example.org",
+        "limited@example.org\x0b.net",
+        "limited+\x1b@example.org",
+        "limited\x85@example.org",
+        "limited\u200b@example.org",
+        "limited\u2028@example.org",
+        "limited\t@example.org",
+    ]
+
+    def test_no_api_call(self) -> None:
+        """On the wire, as C{sasl_username} and as C{sender}: C{DUNNO}, nothing asked."""
+        self.limiter = RecordingLimiter()
+        self.policy._limiter = self.limiter
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for identity in self.IDENTITIES:
+            for attribute in ("sasl_username", "sender"):
+                reply = self.ask(end_of_message(**{attribute: identity}))
+                self.assertEqual(reply, b"action=DUNNO\n\n", (attribute, identity))
+        self.assertEqual(self.quota_calls(), [])
+        self.assertEqual(self.limiter.calls, [])
+        text = "\n".join(formatEvent(event) + repr(event) for event in events)
+        for identity in self.IDENTITIES:
+            self.assertNotIn(identity, text)
+            self.assertNotIn(repr(identity)[1:-1], text)

@@ -12,6 +12,8 @@ import re
 from typing import Any
 
 import txredisapi
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,6 +23,7 @@ from userli_postfix.ratelimit import (
     DAY_NS,
     HOUR_NS,
     KEY_TTL_SECONDS,
+    MAX_KEPT,
     SCRIPT,
     SCRIPT_SHA,
     MemoryRateLimiter,
@@ -30,6 +33,7 @@ from userli_postfix.ratelimit import (
     Verdict,
     exceeds,
     makeRateLimiter,
+    members_kept,
     random_suffix,
     window_key,
 )
@@ -99,10 +103,11 @@ class WindowArithmeticMixin:
         self.assertEqual(self.step(quota), Verdict(False, 2, 2))
         self.clock.advance(1)
         # The first message is now exactly one hour old; the refused attempt
-        # of a second ago still counts.
-        self.assertEqual(self.step(quota), Verdict(False, 2, 3))
+        # of a second ago still counts.  (The window keeps the newest
+        # limit + 1 = 2 members, so the day count reads 2, not 3.)
+        self.assertEqual(self.step(quota), Verdict(False, 2, 2))
         self.clock.advance(HOUR)
-        self.assertEqual(self.step(quota), Verdict(True, 1, 4))
+        self.assertEqual(self.step(quota), Verdict(True, 1, 2))
 
     def test_dayBoundary(self) -> None:
         """
@@ -128,8 +133,9 @@ class WindowArithmeticMixin:
         for _ in range(12):
             self.clock.advance(10 * 60)
             self.assertFalse(self.step(quota).allowed)
-        # Two hours on, the sender is still blocked because of the retries.
-        self.assertEqual(self.step(quota).hour_count, 7)
+        # Two hours on, the sender is still blocked because of the retries
+        # (7 of them in the last hour, counted up to limit + 1).
+        self.assertEqual(self.step(quota), Verdict(False, 3, 3))
 
     def test_hourLimitAlone(self) -> None:
         """The hourly limit refuses although the daily one would allow."""
@@ -158,7 +164,8 @@ class WindowArithmeticMixin:
         for _ in range(10):
             self.assertEqual(self.steps(3, quota), [True, True, True])
             self.clock.advance(HOUR)
-        self.assertEqual(self.step(quota), Verdict(True, 1, 31))
+        # 31 messages today, counted up to limit + 1: no daily limit to judge.
+        self.assertEqual(self.step(quota), Verdict(True, 1, 4))
 
     def test_sendersAreIndependent(self) -> None:
         """One sender's window does not count another's messages."""
@@ -166,6 +173,39 @@ class WindowArithmeticMixin:
         self.assertTrue(self.step(quota, "a@example.org").allowed)
         self.assertFalse(self.step(quota, "a@example.org").allowed)
         self.assertTrue(self.step(quota, "b@example.org").allowed)
+
+    def windowSize(self, identity: str = "limited@example.org") -> int:
+        """Members the backend keeps for C{identity}."""
+        raise NotImplementedError
+
+    def test_hammeringSenderStaysSmall(self) -> None:
+        """
+        500 attempts at 100 a second with a quota of 3 per hour: three
+        pass, every other is refused, the counts read the true counts up
+        to 4 (limit + 1), and the window never holds more than 4 members.
+        """
+        quota = Quota(per_hour=3, per_day=0)
+        for n in range(1, 501):
+            verdict = self.step(quota)
+            self.assertEqual(verdict, Verdict(n <= 3, min(n, 4), min(n, 4)), n)
+            self.assertLessEqual(self.windowSize(), 4)
+            self.clock.advance(0.01)
+        self.assertEqual(self.windowSize(), 4)
+        self.clock.advance(HOUR)
+        # The hour is over (the newest attempts are the ones kept).
+        self.assertEqual(self.steps(4, quota), [True, True, True, False])
+
+    def test_keptForTheLargerLimit(self) -> None:
+        """
+        With both limits set, the window keeps enough for the larger: the
+        hourly limit refuses, an hour later the daily one does, exactly as
+        the whole window would.
+        """
+        quota = Quota(per_hour=2, per_day=5)
+        self.assertEqual(self.steps(50, quota), [True, True] + [False] * 48)
+        self.assertEqual(self.windowSize(), 6)
+        self.clock.advance(HOUR)
+        self.assertEqual(self.step(quota), Verdict(False, 1, 6))
 
     def test_sameInstant(self) -> None:
         """Several messages in the same nanosecond are all counted."""
@@ -178,7 +218,66 @@ class MemoryWindowArithmeticTests(WindowArithmeticMixin, SynchronousTestCase):
     """The window arithmetic of the memory backend."""
 
     def makeLimiter(self, clock: task.Clock) -> RateLimiter:
-        return MemoryRateLimiter(clock)
+        self.memory = MemoryRateLimiter(clock)
+        return self.memory
+
+    def windowSize(self, identity: str = "limited@example.org") -> int:
+        return len(self.memory._windows[identity].stamps)
+
+
+class MembersKeptTests(SynchronousTestCase):
+    """The trimming rule: how many of a window's newest members are kept."""
+
+    def test_table(self) -> None:
+        """
+        One more than the larger non-zero limit; all when neither is set,
+        or when the larger is beyond any rate a sender can reach.
+        """
+        table = [
+            (Quota(3, 0), 4),
+            (Quota(0, 3), 4),
+            (Quota(3, 20), 21),
+            (Quota(20, 3), 21),
+            (Quota(1, 1), 2),
+            (Quota(0, 0), 0),
+            (Quota(MAX_KEPT - 1, 5), MAX_KEPT),
+            (Quota(5, MAX_KEPT), 0),
+            (Quota(10**30, 0), 0),
+        ]
+        for quota, expected in table:
+            self.assertEqual(members_kept(quota), expected, quota)
+
+    @given(
+        st.sampled_from([Quota(3, 0), Quota(0, 4), Quota(2, 5), Quota(6, 2), Quota(1, 1)]),
+        st.lists(
+            st.sampled_from([0.0, 0.001, 1.0, 60.0, 600.0, HOUR - 1, HOUR, HOUR + 1, DAY]),
+            min_size=1,
+            max_size=60,
+        ),
+    )
+    @settings(max_examples=300, deadline=None)
+    def test_decisionsOfTheWholeWindow(self, quota: Quota, gaps: list[float]) -> None:
+        """
+        Whatever the rhythm of the attempts, the trimmed window decides
+        exactly as the whole window (the Go program's, kept here as a plain
+        list) does, and counts what it counts up to L{members_kept}.
+        """
+        clock = task.Clock()
+        clock.advance(START)
+        limiter = MemoryRateLimiter(clock)
+        keep = members_kept(quota)
+        everything: list[int] = []
+        for gap in gaps:
+            clock.advance(gap)
+            now = int(clock.seconds() * 10**9)
+            everything = [t for t in everything if t >= now - DAY_NS] + [now]
+            day = len(everything)
+            hour = sum(1 for t in everything if t > now - HOUR_NS)
+            verdict = limiter.step("a@example.org", quota)
+            self.assertEqual(verdict.allowed, not exceeds(quota, hour, day))
+            self.assertEqual(
+                (verdict.hour_count, verdict.day_count), (min(hour, keep), min(day, keep))
+            )
 
 
 class MemoryRateLimiterTests(SynchronousTestCase):
@@ -263,6 +362,9 @@ class ExceedsTests(SynchronousTestCase):
             self.assertEqual(exceeds(quota, hour, day), expected, (quota, hour, day))
 
 
+WRONGTYPE = "Operation against a key holding the wrong kind of value"
+
+
 class FakeRedis:
     """
     Stands in for L{RedisClient}: records commands and answers each with the
@@ -329,6 +431,7 @@ class RedisRateLimiterTests(SynchronousTestCase):
                     90000,
                     3,
                     20,
+                    21,
                     now,
                     now - 3600 * 10**9,
                     now - 86400 * 10**9,
@@ -370,9 +473,9 @@ class RedisRateLimiterTests(SynchronousTestCase):
         self.assertEqual(
             args,
             [
-                *(5, 0, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
-                *(3, 0, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
-                *(0, 10, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
+                *(5, 0, 6, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
+                *(3, 0, 4, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
+                *(0, 10, 11, now, now - HOUR_NS, now - DAY_NS, "0badcafe"),
             ],
         )
 
@@ -451,6 +554,33 @@ class RedisRateLimiterTests(SynchronousTestCase):
         self.successResultOf(self.check())
         self.failureResultOf(self.check(), RateLimitError)
         self.assertEqual(self.errors(), 1)
+
+    def test_oneStepRefused(self) -> None:
+        """
+        A step whose key Redis refused (the script answers C{-1} and the
+        error for it) fails that check only, counted once; the other checks
+        of the call get their verdicts.
+        """
+        self.redis.results.append([*(1, 1, 1), *(-1, f"WRONGTYPE {WRONGTYPE}", 0), *(0, 4, 4)])
+        first = self.limiter.check("a@example.org", self.quota)
+        second = self.limiter.check("odd@example.org", self.quota)
+        third = self.limiter.check("b@example.org", self.quota)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(first), Verdict(True, 1, 1))
+        failure = self.failureResultOf(second, RateLimitError)
+        self.assertIn("WRONGTYPE", str(failure.value))
+        self.assertEqual(self.successResultOf(third), Verdict(False, 4, 4))
+        self.assertEqual(self.errors(), 1)
+
+    def test_oneStepUnreadable(self) -> None:
+        """An unreadable answer for one step fails that step only."""
+        self.redis.results.append([1, 1, 1, 1, "x", 1, None, 2, 2])
+        pending = [self.limiter.check(f"{n}@example.org", self.quota) for n in range(3)]
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(pending[0]), Verdict(True, 1, 1))
+        self.failureResultOf(pending[1], RateLimitError)
+        self.failureResultOf(pending[2], RateLimitError)
+        self.assertEqual(self.errors(), 2)
 
     def test_unexpectedReply(self) -> None:
         """A reply that is not three integers per step is a backend failure."""

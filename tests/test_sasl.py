@@ -12,9 +12,11 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fake_userli import (
@@ -35,6 +37,7 @@ from userli_postfix.sasl import (
     EXCHANGE_TIMEOUT,
     IDLE_TIMEOUT,
     MAX_LINE,
+    MAX_QUEUED,
     Authenticator,
     SASLFactory,
     SASLServerProtocol,
@@ -297,17 +300,19 @@ class PlainTests(SASLTestMixin, SynchronousTestCase):
         self.assertEqual(self.count("PLAIN", "error"), 1)
 
     def test_badBase64(self) -> None:
-        """Invalid base64 in resp= or in a CONT is a delayed FAIL without an API call."""
+        """
+        Invalid base64 in resp= or in a CONT is a FAIL without an API call,
+        each delayed like a wrong password.
+        """
         protocol, transport = self.connect()
         self.send(protocol, self.auth(1, "PLAIN", b"resp=!!notbase64!!"))
         self.send(protocol, self.auth(2, "PLAIN"))
         self.assertEqual(self.replies(transport), [b"CONT\t2\t"])
         self.send(protocol, b"CONT\t2\tAAA")
         self.clock.advance(DELAY)
-        self.assertEqual(
-            self.replies(transport),
-            [b"FAIL\t1\treason=invalid base64 data", b"FAIL\t2\treason=invalid base64 data"],
-        )
+        self.assertEqual(self.replies(transport), [b"FAIL\t1\treason=invalid base64 data"])
+        self.clock.advance(DELAY)
+        self.assertEqual(self.replies(transport), [b"FAIL\t2\treason=invalid base64 data"])
         self.assertEqual(self.fake.requests("auth"), [])
 
     def test_badPayload(self) -> None:
@@ -317,7 +322,7 @@ class PlainTests(SASLTestMixin, SynchronousTestCase):
             [b64(f"{ALICE}\0{SECRET}"), b64(f"\0{ALICE}\0{SECRET}\0x"), b64(SECRET)], start=1
         ):
             self.send(protocol, self.auth(request_id, "PLAIN", b"resp=" + payload))
-        self.clock.advance(DELAY)
+        self.clock.pump([DELAY] * 3)
         self.assertEqual(
             self.replies(transport),
             [b"FAIL\t%d\treason=invalid PLAIN response" % i for i in (1, 2, 3)],
@@ -596,20 +601,29 @@ class FailureDelayTests(SASLTestMixin, SynchronousTestCase):
             [b"FAIL\t1\tuser=alice@example.org\treason=authentication failed"],
         )
 
-    def test_otherRequestServedDuringDelay(self) -> None:
-        """On one connection, a later request is answered before an earlier held-back failure."""
+    def test_laterLoginWaitsItsTurn(self) -> None:
+        """
+        On one connection, a login sent while an earlier one's failure is
+        held back is decided (and asked of Userli) only once that failure
+        has been answered.
+        """
         protocol, transport = self.connect()
         self.send(
             protocol,
             self.auth(1, "PLAIN", b"resp=" + plain(ALICE, "wrong")),
             self.auth(2, "PLAIN", b"resp=" + plain(ALICE, SECRET)),
         )
-        self.assertEqual(self.replies(transport), [b"OK\t2\tuser=alice@example.org"])
+        self.assertEqual(self.replies(transport), [])
+        self.assertEqual(len(self.fake.requests("auth")), 1)
         self.clock.advance(DELAY)
         self.assertEqual(
             self.replies(transport),
-            [b"FAIL\t1\tuser=alice@example.org\treason=authentication failed"],
+            [
+                b"FAIL\t1\tuser=alice@example.org\treason=authentication failed",
+                b"OK\t2\tuser=alice@example.org",
+            ],
         )
+        self.assertEqual(len(self.fake.requests("auth")), 2)
 
     def test_successNotDelayed(self) -> None:
         """A good login is answered at once."""
@@ -637,6 +651,245 @@ class FailureDelayTests(SASLTestMixin, SynchronousTestCase):
             {"mechanism": "PLAIN", "result": "invalid_credentials"},
         )
         self.assertEqual(total, 0.0)
+
+
+class OneLoginAtATimeTests(SASLTestMixin, SynchronousTestCase):
+    """
+    Logins on one connection are decided one after the other, so that each
+    failure costs its own delay however many a client pipelines.
+    """
+
+    WRONG = [b"resp=" + plain(ALICE, f"guess-{n}") for n in range(4)]
+    FAIL = b"FAIL\t%d\tuser=alice@example.org\treason=authentication failed"
+
+    def test_pipelinedFailuresOneDelayApart(self) -> None:
+        """
+        Four wrong logins pipelined on one connection are answered one delay
+        apart, each only after its own delay; a correct login pipelined
+        behind them is still answered, right after the last failure; another
+        connection meanwhile is served at once.
+        """
+        protocol, transport = self.connect()
+        self.send(
+            protocol,
+            *(self.auth(n, "PLAIN", self.WRONG[n - 1]) for n in range(1, 5)),
+            self.auth(5, "PLAIN", b"resp=" + plain(ALICE, SECRET)),
+        )
+        other, otherTransport = self.connect()
+        self.send(other, self.auth(1, "PLAIN", b"resp=" + plain(ALICE, SECRET)))
+        self.assertEqual(self.replies(otherTransport), [b"OK\t1\tuser=alice@example.org"])
+        self.send(other, self.auth(2, "PLAIN", self.WRONG[0]))
+        for n in range(1, 5):
+            self.clock.advance(DELAY - 0.01)
+            self.assertEqual(self.replies(transport), [])
+            self.assertEqual(len(self.fake.requests("auth")), 1 + n + 1)
+            self.clock.advance(0.01)
+            expected = [self.FAIL % n]
+            if n == 4:
+                expected.append(b"OK\t5\tuser=alice@example.org")
+            self.assertEqual(self.replies(transport), expected, n)
+            if n == 1:
+                # The other connection's failure had its own delay, in parallel.
+                self.assertEqual(self.replies(otherTransport), [self.FAIL % 2])
+        self.assertEqual(protocol.outstanding, 0)
+        self.assertEqual(self.count("PLAIN", "invalid_credentials"), 5)
+        self.assertEqual(self.count("PLAIN", "success"), 2)
+
+    def test_badCredentialsQueuedToo(self) -> None:
+        """
+        Logins refused without an API call (bad base64, not an address)
+        take their turn and their delay like a wrong password: garbage is
+        no faster than a guess.
+        """
+        protocol, transport = self.connect()
+        self.send(
+            protocol,
+            self.auth(1, "PLAIN", b"resp=!!"),
+            self.auth(2, "PLAIN", b"resp=" + plain("nobody", "x")),
+            self.auth(3, "PLAIN", self.WRONG[0]),
+        )
+        self.clock.advance(DELAY)
+        self.assertEqual(self.replies(transport), [b"FAIL\t1\treason=invalid base64 data"])
+        self.assertEqual(self.fake.requests("auth"), [])
+        self.clock.advance(DELAY)
+        self.assertEqual(self.replies(transport), [b"FAIL\t2\treason=authentication failed"])
+        self.assertEqual(len(self.fake.requests("auth")), 1)
+        self.clock.advance(DELAY)
+        self.assertEqual(self.replies(transport), [self.FAIL % 3])
+
+    def test_challengesNotQueued(self) -> None:
+        """A LOGIN challenge needs no decision: it is sent while a failure is held back."""
+        protocol, transport = self.connect()
+        self.send(protocol, self.auth(1, "PLAIN", self.WRONG[0]), self.auth(2, "LOGIN"))
+        self.assertEqual(self.replies(transport), [b"CONT\t2\t" + b64("Username:")])
+
+    def test_replacedQueuedLoginNeverAsked(self) -> None:
+        """
+        A queued login whose id is reused (or cancelled) before its turn is
+        dropped without an API call and without a reply.
+        """
+        protocol, transport = self.connect()
+        self.send(
+            protocol,
+            self.auth(1, "PLAIN", self.WRONG[0]),
+            self.auth(2, "PLAIN", self.WRONG[1]),
+            self.auth(3, "PLAIN", self.WRONG[2]),
+            self.auth(2, "PLAIN", b"resp=" + plain(ALICE, SECRET)),
+            b"CANCEL\t3",
+        )
+        self.assertEqual(protocol.outstanding, 2)
+        self.clock.advance(DELAY)
+        self.assertEqual(self.replies(transport), [self.FAIL % 1, b"OK\t2\tuser=alice@example.org"])
+        self.clock.advance(DELAY * 3)
+        self.assertEqual(self.replies(transport), [])
+        self.assertEqual(
+            [request.json()["password"] for request in self.fake.requests("auth")],
+            ["guess-0", SECRET],
+        )
+        self.assertEqual(protocol.outstanding, 0)
+
+    def test_backPressure(self) -> None:
+        """
+        At L{MAX_QUEUED} logins waiting, the connection is paused: the
+        transport stops reading and lines already received are not parsed
+        either.  Once half are answered, reading resumes, the lines received
+        meanwhile are parsed, and every login is answered, one delay apart.
+        """
+        protocol, transport = self.connect()
+        total = MAX_QUEUED + 4
+        self.send(
+            protocol,
+            *(self.auth(n, "PLAIN", b"resp=" + plain(ALICE, f"g{n}")) for n in range(1, total + 1)),
+        )
+        self.assertEqual(transport.producerState, "paused")
+        self.assertTrue(protocol.paused)
+        self.assertEqual(protocol.outstanding, MAX_QUEUED)
+        answered = 0
+        while answered <= MAX_QUEUED // 2:
+            self.assertEqual(transport.producerState, "paused", answered)
+            self.clock.advance(DELAY)
+            answered += 1
+            self.assertEqual(len(self.replies(transport)), 1)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertFalse(protocol.paused)
+        self.assertEqual(protocol.outstanding, total - answered)
+        for _ in range(total - answered):
+            self.clock.advance(DELAY)
+            self.assertEqual(len(self.replies(transport)), 1)
+        self.assertEqual(len(self.fake.requests("auth")), total)
+        self.assertEqual(protocol.outstanding, 0)
+
+    def test_drainWhilePaused(self) -> None:
+        """
+        At shutdown, a paused connection's lines still unread are parsed
+        and answered within the grace period before the connection closes.
+        """
+        protocol, transport = self.connect()
+        total = MAX_QUEUED + 2
+        self.send(
+            protocol,
+            *(self.auth(n, "PLAIN", b"resp=" + plain(ALICE, f"g{n}")) for n in range(1, total + 1)),
+        )
+        self.assertEqual(transport.producerState, "paused")
+        drained = self.factory.drain(DELAY * (total + 1))
+        self.assertNoResult(drained)
+        self.clock.pump([DELAY] * total)
+        self.assertEqual(len(self.replies(transport)), total)
+        self.assertTrue(transport.disconnecting)
+
+    def test_brokenDecisionDoesNotStall(self) -> None:
+        """
+        A decision that fails unexpectedly (a bug) is logged, and the logins
+        queued behind it are still decided and answered.
+        """
+        real = self.authenticator.login
+        calls: list[str] = []
+
+        def login(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args[1])
+            if len(calls) == 1:
+                raise RuntimeError("bug")
+            return real(*args, **kwargs)
+
+        self.authenticator.login = login  # type: ignore[method-assign]
+        protocol, transport = self.connect()
+        self.send(
+            protocol,
+            self.auth(1, "PLAIN", self.WRONG[0]),
+            self.auth(2, "PLAIN", b"resp=" + plain(ALICE, SECRET)),
+        )
+        self.assertEqual(self.replies(transport), [b"OK\t2\tuser=alice@example.org"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(protocol.outstanding, 0)
+
+    def test_closedWhileQueued(self) -> None:
+        """Logins still queued when the client leaves are never asked."""
+        protocol, transport = self.connect()
+        self.send(protocol, *(self.auth(n, "PLAIN", self.WRONG[n - 1]) for n in range(1, 5)))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(DELAY * 5)
+        self.assertEqual(len(self.fake.requests("auth")), 1)
+        self.assertEqual(self.replies(transport), [])
+
+
+class ControlCharacterLoginTests(SASLTestMixin, SynchronousTestCase):
+    """
+    A login name with a control, format or whitespace character inside is
+    no Userli address: a failed login (delayed), no API call, and the name
+    in no log line.
+    """
+
+    LOGINS = [
+        "alice\n@example.org",
+        "alice\r@example.org",
+        "ali\x00ce@example.org",
+        "alice@example.org\n.net",
+        "alice+\x1b@example.org",
+        "alice\u200b@example.org",
+        "alice\u2028@example.org",
+    ]
+
+    def test_noApiCall(self) -> None:
+        """PLAIN and LOGIN with such a name fail without asking Userli."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        protocol, transport = self.connect()
+        request_id = 0
+        for login in self.LOGINS:
+            request_id += 1
+            self.send(protocol, self.auth(request_id, "PLAIN", b"resp=" + plain(login, SECRET)))
+            request_id += 1
+            self.send(protocol, self.auth(request_id, "LOGIN", b"resp=" + b64(login)))
+            self.send(protocol, b"CONT\t%d\t" % request_id + b64(SECRET))
+        self.clock.pump([DELAY] * request_id)
+        replies = [line for line in self.replies(transport) if not line.startswith(b"CONT\t")]
+        # A NUL makes the PLAIN response itself invalid: a FAIL all the same.
+        self.assertEqual(len(replies), request_id)
+        for n, reply in enumerate(replies, start=1):
+            self.assertTrue(reply.startswith(b"FAIL\t%d\treason=" % n), reply)
+        self.assertEqual(self.fake.requests("auth"), [])
+        text = "\n".join(formatEvent(event) + repr(event) for event in events)
+        for login in self.LOGINS:
+            self.assertNotIn(login, text)
+            self.assertNotIn(repr(login)[1:-1], text)
+
+    def test_clientFieldsNotLogged(self) -> None:
+        """A C{rip=} or request id with control characters reaches no log line as sent."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        protocol, _transport = self.connect()
+        self.send(
+            protocol,
+            b"AUTH\t7\x1b[2J\tPLAIN\tservice=smtp\trip=192.0.2.7\r\x1b[31mforged\tresp="
+            + plain(ALICE, "wrong"),
+        )
+        self.clock.advance(DELAY)
+        text = "\n".join(formatEvent(event) + repr(event) for event in events)
+        self.assertTrue(events)
+        self.assertNotIn("\x1b", text)
+        self.assertNotIn("forged", text)
 
 
 class RequestStateTests(SASLTestMixin, SynchronousTestCase):
@@ -672,11 +925,14 @@ class RequestStateTests(SASLTestMixin, SynchronousTestCase):
     def test_replacedDecisionNotWritten(self) -> None:
         """
         When an id is reused while its old login is still held back, only
-        the new request's answer is written for it.
+        the new request's answer is written for it, and only once the old
+        one's delay is over: reusing an id does not skip the brake.
         """
         protocol, transport = self.connect()
         self.send(protocol, self.auth(5, "PLAIN", b"resp=" + plain(ALICE, "wrong")))
         self.send(protocol, self.auth(5, "PLAIN", b"resp=" + plain(ALICE, SECRET)))
+        self.assertEqual(self.replies(transport), [])
+        self.clock.advance(DELAY)
         self.assertEqual(self.replies(transport), [b"OK\t5\tuser=alice@example.org"])
         self.clock.advance(DELAY)
         self.assertEqual(self.replies(transport), [])

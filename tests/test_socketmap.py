@@ -161,6 +161,31 @@ class MalformedTests(SocketmapTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class ControlCharacterTests(SocketmapTestCase):
+    """Keys with a line break or another control character inside, on the wire."""
+
+    def test_not_found_without_api_call(self) -> None:
+        """
+        C{mailbox alice\\n@example.org} and its kind are C{NOTFOUND} for every
+        map, in order, without an API call; the connection keeps serving.
+        """
+        protocol, transport = self.connect()
+        requests = [
+            b"mailbox alice\n@example.org",
+            b"alias alice\r@example.org",
+            b"senders alice\x00@example.org",
+            b"domain example.org\n.net",
+            b"domain exa\x0bmple.org",
+        ]
+        protocol.dataReceived(b"".join(netstring(request) for request in requests))
+        self.assertEqual(transport.value(), netstring(b"NOTFOUND ") * len(requests))
+        self.assertEqual(self.client.calls, [])
+        protocol.dataReceived(netstring(b"mailbox alice@example.org"))
+        self.client.answerFor("mailbox", "alice@example.org", True)
+        self.assertTrue(transport.value().endswith(netstring(b"OK 1")))
+        self.assertFalse(transport.disconnecting)
+
+
 class ConnectionTests(SocketmapTestCase):
     """Connection life: limit, gauges, idle timeout."""
 

@@ -106,6 +106,30 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("LOOKUP_CACHE_TTL", output)
         self.assertTrue(output.startswith("userli-postfix: configuration error: "), output)
 
+    def test_unicode_digits(self) -> None:
+        """
+        C{WORKERS=²} and a Unicode digit in the Redis database or port each
+        end the process with one configuration-error line naming the
+        variable, not a traceback.
+        """
+        for variable, value in [
+            ("WORKERS", "\u00b2"),
+            ("REDIS_URL", "redis://redis/\u00b2"),
+            ("REDIS_URL", "redis://redis:\u0666\u0663\u0667\u0669/1"),
+        ]:
+            self.stderr.seek(0)
+            self.stderr.truncate()
+            self.environ["REDIS_URL"] = "redis://redis/1"
+            self.environ[variable] = value
+            error = self.assertRaises(SystemExit, self.parse)
+            self.assertEqual(error.code, 2)
+            output = self.stderr.getvalue()
+            self.assertEqual(output.count("\n"), 1, output)
+            self.assertTrue(
+                output.startswith(f"userli-postfix: configuration error: {variable}: "), output
+            )
+            del self.environ[variable]
+
     def test_bad_flag_value(self) -> None:
         """A bad flag value is refused the same way, naming the variable."""
         error = self.assertRaises(SystemExit, self.parse, "--policy-listen=nonsense")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_LOCAL_PART = re.compile(r"^[a-z0-9._-]+$")
+# Both patterns are used with fullmatch: a pattern ending in ``$`` also
+# matches before a final line break, which let ``alice\n@x`` through.
+_LOCAL_PART = re.compile(r"[a-z0-9._-]+")
 # A domain label: letters (any script, as Postfix may pass SMTPUTF8 domains
 # through), digits and inner hyphens.  Nothing that is URL or path syntax.
-_LABEL = re.compile(r"^(?!-)[^\W_]([^\W_]|-)*(?<!-)$|^[^\W_]$")
+_LABEL = re.compile(r"[^\W_](?:[^\W_]|-)*(?<!-)")
 _MAX_ADDRESS = 320
 _MAX_DOMAIN = 253
 
@@ -23,6 +25,21 @@ _MAX_DOMAIN = 253
 def _is_invisible(char: str) -> bool:
     """Whitespace, control and format characters (zero-width space, BOM, ...)."""
     return char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zs", "Zl", "Zp")
+
+
+def _visible(text: str) -> bool:
+    """
+    Whether C{text} holds no whitespace, control, format, surrogate or
+    private-use character anywhere.
+
+    Such a character inside a key is not trimmed (it would glue two
+    different spellings together) and cannot be part of a Userli address:
+    a line break, NUL or zero-width space inside a key means the key is
+    garbage or an attack, so it must reach neither the API nor a log line.
+    C{str.isprintable} is false for every character of Unicode's "Other"
+    and "Separator" categories except the ASCII space, checked apart.
+    """
+    return text.isprintable() and " " not in text
 
 
 def _trim(text: str) -> str:
@@ -45,9 +62,9 @@ def normalise_domain(raw: str) -> str | None:
     domain = _trim(raw).lower()
     if domain.endswith("."):
         domain = domain[:-1]
-    if not domain or len(domain) > _MAX_DOMAIN:
+    if not domain or len(domain) > _MAX_DOMAIN or not _visible(domain):
         return None
-    if not all(_LABEL.match(label) for label in domain.split(".")):
+    if not all(_LABEL.fullmatch(label) for label in domain.split(".")):
         return None
     return domain
 
@@ -61,10 +78,12 @@ def normalise_address(raw: str, delimiter: str = "") -> str | None:
     the local part cut at the first recipient delimiter character (Postfix
     treats every character of C{recipient_delimiter} as a delimiter); the
     local part non-empty and made of ``a-z 0-9 . _ -`` only; the domain a
-    plausible host name.
+    plausible host name.  A whitespace, control or format character inside
+    the key (after the trim) refuses it, also behind a delimiter, where the
+    cut would otherwise drop it unseen.
     """
     address = _trim(raw).lower()
-    if len(address) > _MAX_ADDRESS or address.count("@") != 1:
+    if len(address) > _MAX_ADDRESS or address.count("@") != 1 or not _visible(address):
         return None
     local, _, domain_part = address.partition("@")
     if delimiter:
@@ -72,7 +91,7 @@ def normalise_address(raw: str, delimiter: str = "") -> str | None:
             if char in delimiter:
                 local = local[:index]
                 break
-    if not _LOCAL_PART.match(local):
+    if not _LOCAL_PART.fullmatch(local):
         return None
     domain = normalise_domain(domain_part)
     if domain is None or domain != domain_part.removesuffix("."):

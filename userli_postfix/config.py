@@ -9,6 +9,7 @@ deployment fails at start-up with a line an operator can act on.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,24 @@ class ConfigError(ValueError):
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
+
+
+def is_number(text: str) -> bool:
+    """
+    Whether C{text} is a non-negative whole number in ASCII digits.
+
+    C{str.isdigit} alone is true for C{"²"} (which C{int} refuses, so the
+    check let a traceback through) and for other scripts' digits such as
+    U+0661, the Arabic-Indic one (which C{int} reads): a setting is written
+    in ASCII, anything else is a typo to report.
+    """
+    return text.isascii() and text.isdigit()
+
+
+def _printable(text: str) -> bool:
+    """No control, format or separator characters (a line break, an escape, ...)."""
+    return text.isprintable()
+
 
 # Postfix's socketmap client gives up on a server after 100 s, and the
 # Go program bounds every API call by 5 s; the same bounds hold here.
@@ -90,9 +109,9 @@ _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
 # overflows the queue and the dropped SYNs are only sent again a second
 # later.  The kernel caps the request at somaxconn.
 LISTEN_BACKLOG = 4096
-_HOST_PORT = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})$"
-)
+# Used with fullmatch: "$" would also match before a final line break.
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})")
+_HOST_NAME = re.compile(r"[A-Za-z0-9.-]+")
 
 
 def listen_endpoint(variable: str, value: str) -> str:
@@ -124,7 +143,7 @@ def listen_endpoint(variable: str, value: str) -> str:
     elif text.startswith("/") or text.endswith(".sock"):
         description = f"unix:{_escape_endpoint(text)}:mode=666:lockfile=1:backlog={LISTEN_BACKLOG}"
     else:
-        match = _HOST_PORT.match(text)
+        match = _HOST_PORT.fullmatch(text)
         if match is None:
             raise ConfigError(
                 variable,
@@ -139,7 +158,7 @@ def listen_endpoint(variable: str, value: str) -> str:
             description = f"tcp6:{port}:interface={iface}:backlog={LISTEN_BACKLOG}"
         elif match.group("host"):
             host = match.group("host")
-            if not re.match(r"^[A-Za-z0-9.-]+$", host):
+            if not _HOST_NAME.fullmatch(host):
                 raise ConfigError(variable, f"invalid host {host!r}")
             description = f"tcp:{port}:interface={host}:backlog={LISTEN_BACKLOG}"
         else:
@@ -186,9 +205,11 @@ def parse_sentinels(variable: str, text: str) -> tuple[tuple[str, int], ...]:
         item = item.strip()
         if not item:
             continue
-        match = _HOST_PORT.match(item)
+        match = _HOST_PORT.fullmatch(item)
         if match is None or not (match.group("v6") or match.group("host")):
             raise ConfigError(variable, f"{item!r} is not HOST:PORT")
+        if not _printable(match.group("v6") or match.group("host")):
+            raise ConfigError(variable, f"{item!r}: the host holds control characters")
         port = int(match.group("port"))
         if not 0 < port < 65536:
             raise ConfigError(variable, f"port {port} out of range")
@@ -203,11 +224,19 @@ def parse_redis_url(variable: str, url: str) -> RedisTarget:
     Parse ``redis://[user:password@]host:port/db``, ``rediss://...`` and
     ``unix:///path?db=N`` (go-redis's forms).
     """
+    if not _printable(url):
+        # Not shown: the URL may carry a password.
+        raise ConfigError(variable, "the URL holds control characters")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise ConfigError(variable, f"malformed URL: {exc}") from None
+    # Older Pythons let int() read a port in other scripts' digits.
+    host_port = parts.netloc.rpartition("@")[2].rpartition("]")[2]
+    port_text = host_port.rpartition(":")[2] if ":" in host_port else ""
+    if port_text and not is_number(port_text):
+        raise ConfigError(variable, f"invalid port {port_text!r}")
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
     query: dict[str, str] = {}
@@ -229,7 +258,7 @@ def parse_redis_url(variable: str, url: str) -> RedisTarget:
         host = "localhost"
     else:
         raise ConfigError(variable, f"unsupported scheme {parts.scheme!r} (redis, rediss or unix)")
-    if not db_text.isdigit():
+    if not is_number(db_text):
         raise ConfigError(variable, f"invalid database number {db_text!r}")
     return RedisTarget(
         host=host,
@@ -249,6 +278,8 @@ def parse_base_url(variable: str, url: str) -> str:
         _ = parts.port  # raises for a non-numeric port
     except ValueError as exc:
         raise ConfigError(variable, f"malformed URL: {exc}") from None
+    if not _printable(url.strip()):
+        raise ConfigError(variable, f"{url!r} holds control characters")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(variable, f"{url!r} is not an http:// or https:// URL")
     if parts.query or parts.fragment:
@@ -265,6 +296,8 @@ def _non_negative_duration(variable: str, text: str) -> float:
         ) from None
     if seconds < 0:
         raise ConfigError(variable, f"{text!r} is negative")
+    if not math.isfinite(seconds):
+        raise ConfigError(variable, f"{text!r} is too long")
     return seconds
 
 
@@ -275,7 +308,7 @@ MAX_WORKERS = 64
 
 def _workers(text: str, shared_state: bool) -> int:
     value = text.strip() or "1"
-    if not value.isdigit() or not 1 <= int(value) <= MAX_WORKERS:
+    if not is_number(value) or not 1 <= int(value) <= MAX_WORKERS:
         raise ConfigError(
             "WORKERS", f"{text!r} is not a number of processes from 1 to {MAX_WORKERS}"
         )
@@ -455,6 +488,9 @@ class Config:
         token = get("USERLI_TOKEN").strip()
         if not token:
             raise ConfigError("USERLI_TOKEN", "required, but not set")
+        if not (token.isascii() and _printable(token)):
+            # It goes into a header of every API call; not shown, it is a secret.
+            raise ConfigError("USERLI_TOKEN", "holds characters other than printable ASCII")
 
         level = get("LOG_LEVEL").strip().lower() or "info"
         if level == "warning":
@@ -468,7 +504,7 @@ class Config:
             raise ConfigError("LOG_FORMAT", f"{get('LOG_FORMAT')!r} is not one of text, json")
 
         delimiter = get("POSTFIX_RECIPIENT_DELIMITER")
-        if delimiter and ("@" in delimiter or any(c.isspace() for c in delimiter)):
+        if delimiter and ("@" in delimiter or not _printable(delimiter) or " " in delimiter):
             raise ConfigError("POSTFIX_RECIPIENT_DELIMITER", f"{delimiter!r} cannot be a delimiter")
 
         sasl_addr = get("SASL_LISTEN_ADDR").strip()
@@ -486,7 +522,9 @@ class Config:
                 master_name=master,
                 sentinel_password=get("REDIS_SENTINEL_PASSWORD") or None,
             )
-        message = " ".join(get("RATE_LIMIT_MESSAGE").split())
+        message = " ".join(
+            "".join(c if _printable(c) else " " for c in get("RATE_LIMIT_MESSAGE")).split()
+        )
         workers = _workers(get("WORKERS"), redis is not None)
 
         return cls(

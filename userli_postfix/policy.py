@@ -229,7 +229,9 @@ class QuotaPolicy:
             return self._done("check", "dunno", started, DUNNO)
         identity = normalise_address(raw, self._delimiter)
         if identity is None:
-            log.debug("No quota for {identity!r}: not an address", identity=raw)
+            # Not the identity itself: it may hold line breaks or other
+            # control characters, which have no place in a log line.
+            log.debug("No quota checked: the sender is not an address")
             return self._done("check", "dunno", started, DUNNO)
         quota = self._quotas.peek(identity)
         if quota is not None:

@@ -18,6 +18,13 @@ counts include this attempt, so a limit of N lets exactly N through).
 The boundaries are the script's: a message exactly 24 h old still counts
 for the day, a message exactly 1 h old no longer counts for the hour.
 
+Beyond the Go program, each step keeps only the newest L{members_kept}
+members (one more than the larger non-zero limit): a sender who keeps
+trying would otherwise add a member per attempt, millions a day, all of
+them kept for 24 h.  Every decision stays exactly the same (see
+L{members_kept}), and a window written by the Go program, however large,
+is cut down at our first step.
+
 The memory backend, used when no Redis is configured, has the same
 semantics and forgets senders that have been quiet for 25 h.
 """
@@ -55,6 +62,12 @@ DAY_NS = 24 * HOUR_NS
 KEY_TTL_SECONDS = 25 * 3600
 KEY_TTL_NS = KEY_TTL_SECONDS * NS_PER_SECOND
 
+# A limit this large is never reached (it would take over 11,000 messages a
+# second for a day); the window is then kept whole, as the Go program keeps
+# it.  Also keeps the rank the script computes from it an integer that Lua
+# writes out as one (doubles print in exponent form from 1e14 on).
+MAX_KEPT = 10**9
+
 # Steps sent to Redis in one script call at most; a call of this size keeps
 # Redis busy for well under a millisecond.
 MAX_BATCH = 128
@@ -63,31 +76,58 @@ MAX_BATCH = 128
 # steps that arrive in the same turn of the reactor share one round trip
 # (each step is still atomic, and steps of one key run in arrival order).
 # KEYS: the window of each step.  ARGV: the key TTL in seconds, then for
-# each step, in the order of KEYS: per-hour limit, per-day limit, now,
-# now - 1 h, now - 24 h (unix nanoseconds, as decimal strings so that no
-# precision is lost before Redis parses them) and the member suffix.
+# each step, in the order of KEYS: per-hour limit, per-day limit, the
+# members to keep (0: all), now, now - 1 h, now - 24 h (unix nanoseconds,
+# as decimal strings so that no precision is lost before Redis parses them)
+# and the member suffix.
 # Returns {allowed (1 or 0), count of the last hour, count of the last day}
-# for each step, one after the other.
+# for each step, one after the other; {-1, error text, 0} for a step whose
+# key Redis refused (a key of another type: WRONGTYPE).  Every command runs
+# under redis.pcall and a step stops at its first error, so one odd key
+# fails its own step only: the steps before and after it in the call are
+# applied and answered as if it were not there.
 SCRIPT = """\
 local ttl = tonumber(ARGV[1])
-local result = {}
-for i, key in ipairs(KEYS) do
-    local at = 1 + (i - 1) * 6
+
+local function failed(reply)
+    return type(reply) == 'table' and reply.err ~= nil
+end
+
+local function step(key, at)
+    local now = ARGV[at + 4]
+    local reply = redis.pcall('ZREMRANGEBYSCORE', key, '-inf', '(' .. ARGV[at + 6])
+    if failed(reply) then return reply end
+    reply = redis.pcall('ZADD', key, now, now .. ':' .. ARGV[at + 7])
+    if failed(reply) then return reply end
+    local keep = tonumber(ARGV[at + 3])
+    if keep > 0 then
+        reply = redis.pcall('ZREMRANGEBYRANK', key, 0, -keep - 1)
+        if failed(reply) then return reply end
+    end
+    reply = redis.pcall('EXPIRE', key, ttl)
+    if failed(reply) then return reply end
+    local day_count = redis.pcall('ZCARD', key)
+    if failed(day_count) then return day_count end
+    local hour_count = redis.pcall('ZCOUNT', key, '(' .. ARGV[at + 5], '+inf')
+    if failed(hour_count) then return hour_count end
     local per_hour = tonumber(ARGV[at + 1])
     local per_day = tonumber(ARGV[at + 2])
-    local now = ARGV[at + 3]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. ARGV[at + 5])
-    redis.call('ZADD', key, now, now .. ':' .. ARGV[at + 6])
-    redis.call('EXPIRE', key, ttl)
-    local day_count = tonumber(redis.call('ZCARD', key))
-    local hour_count = tonumber(redis.call('ZCOUNT', key, '(' .. ARGV[at + 4], '+inf'))
     local allowed = 1
     if (per_hour > 0 and hour_count > per_hour) or (per_day > 0 and day_count > per_day) then
         allowed = 0
     end
-    result[#result + 1] = allowed
-    result[#result + 1] = hour_count
-    result[#result + 1] = day_count
+    return {allowed, hour_count, day_count}
+end
+
+local result = {}
+for i, key in ipairs(KEYS) do
+    local reply = step(key, 1 + (i - 1) * 7)
+    if failed(reply) then
+        reply = {-1, tostring(reply.err), 0}
+    end
+    result[#result + 1] = reply[1]
+    result[#result + 1] = reply[2]
+    result[#result + 1] = reply[3]
 end
 return result
 """
@@ -111,6 +151,35 @@ def random_suffix() -> str:
 def unix_ns(clock: IReactorTime) -> int:
     """The clock's time in whole unix nanoseconds."""
     return int(clock.seconds() * NS_PER_SECOND)
+
+
+def members_kept(quota: Quota) -> int:
+    """
+    How many of a window's newest members the decisions under C{quota}
+    need: one more than the larger non-zero limit; 0 (keep all) when
+    neither limit is set, which is never checked.
+
+    Kept to the newest M members, a window counts min(n, M) where it would
+    count n, for the hour as for the day: the members of the last hour are
+    the newest ones, and dropping a window's oldest members commutes with
+    dropping those older than 24 h and with adding a newer one, so the
+    kept members are always the newest M of what the Go program would keep,
+    whoever wrote them.  With M greater than a non-zero limit L, min(n, M)
+    > L exactly when n > L: every comparison, hence every decision, is the
+    one the whole window gives.  A limit of 0 compares nothing, so its
+    count may be cut too: with 3 per hour and no daily limit, 4 members
+    are enough, and the day count (not used) reads at most 4.
+
+    The counts above M are not kept, so they cannot be reported either:
+    the counts of a step read at most M.  And when a quota is raised, a
+    sender who had been trying far beyond the old one is judged by the
+    attempts kept for the old one (at least its limit + 1), so gets the
+    new quota's room sooner than the whole window would give.
+    """
+    largest = max(quota.per_hour, quota.per_day)
+    if largest <= 0 or largest >= MAX_KEPT:
+        return 0
+    return largest + 1
 
 
 def exceeds(quota: Quota, hour_count: int, day_count: int) -> bool:
@@ -164,7 +233,8 @@ class MemoryRateLimiter:
     without Redis, for a single server.
 
     Memory is bounded by activity: a sender's timestamps older than 24 h are
-    dropped at its next attempt, and a sender quiet for 25 h is forgotten
+    dropped at its next attempt, only the newest L{members_kept} are kept
+    however fast it tries, and a sender quiet for 25 h is forgotten
     (checked on every step, oldest first, so the cost is constant per
     message and no timer is needed).
     """
@@ -198,6 +268,9 @@ class MemoryRateLimiter:
         else:
             # The clock went backwards: keep the list sorted, as a sorted set is.
             insort(stamps, now)
+        keep = members_kept(quota)
+        if keep and len(stamps) > keep:
+            del stamps[: len(stamps) - keep]
         day_count = len(stamps)
         hour_count = day_count - bisect_right(stamps, now - HOUR_NS)
         return Verdict(not exceeds(quota, hour_count, day_count), hour_count, day_count)
@@ -257,7 +330,15 @@ class RedisRateLimiter:
         waiter: defer.Deferred[Verdict] = defer.Deferred()
         self._keys.append(window_key(identity))
         self._args.extend(
-            (quota.per_hour, quota.per_day, now, now - HOUR_NS, now - DAY_NS, self._suffix())
+            (
+                quota.per_hour,
+                quota.per_day,
+                members_kept(quota),
+                now,
+                now - HOUR_NS,
+                now - DAY_NS,
+                self._suffix(),
+            )
         )
         self._waiters.append(waiter)
         if len(self._waiters) >= self._maxBatch:
@@ -296,17 +377,38 @@ class RedisRateLimiter:
         return failure
 
     def _deliver(self, reply: Any, waiters: list[defer.Deferred[Verdict]]) -> None:
-        if (
-            not isinstance(reply, list)
-            or len(reply) != 3 * len(waiters)
-            or not all(type(value) is int for value in reply)
-        ):
+        if not isinstance(reply, list) or len(reply) != 3 * len(waiters):
             error = RateLimitError(f"unexpected reply from the rate-limit script: {reply!r:.200}")
             self._fail(Failure(error), waiters)
             return
+        # Each step's answer on its own: one odd key fails its own sender only.
+        problems: list[str] = []
+        answers: list[tuple[defer.Deferred[Verdict], Verdict | RateLimitError]] = []
         for index, waiter in enumerate(waiters):
-            at = 3 * index
-            waiter.callback(Verdict(reply[at] == 1, reply[at + 1], reply[at + 2]))
+            allowed, hour, day = reply[3 * index : 3 * index + 3]
+            if type(allowed) is int and type(hour) is int and type(day) is int and allowed >= 0:
+                answers.append((waiter, Verdict(allowed == 1, hour, day)))
+                continue
+            if allowed == -1 and isinstance(hour, str | bytes):
+                text = hour.decode("utf-8", "replace") if isinstance(hour, bytes) else hour
+                problem = f"Redis refused the step: {text:.200}"
+            else:
+                problem = f"unexpected reply from the rate-limit script: {reply!r:.200}"
+            problems.append(problem)
+            answers.append((waiter, RateLimitError(problem)))
+        if problems:
+            self._errors.inc(len(problems))
+            log.warn(
+                "Rate-limit check of {count} of {total} message(s) failed: {error}",
+                count=len(problems),
+                total=len(waiters),
+                error=problems[0],
+            )
+        for waiter, answer in answers:
+            if isinstance(answer, Verdict):
+                waiter.callback(answer)
+            else:
+                waiter.errback(answer)
 
     def _fail(self, failure: Failure, waiters: list[defer.Deferred[Verdict]]) -> None:
         self._errors.inc(len(waiters))

@@ -24,6 +24,7 @@ import itertools
 import os
 import unicodedata
 from base64 import b64decode, b64encode
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ from twisted.python.failure import Failure
 
 from userli_postfix.addresses import normalise_address
 from userli_postfix.config import Config
-from userli_postfix.listeners import MAX_CONNECTIONS, MAX_PIPELINED, LimitedFactory, ServingMixin
+from userli_postfix.listeners import MAX_CONNECTIONS, LimitedFactory, ServingMixin
 from userli_postfix.metrics import Metrics
 from userli_postfix.userli import AuthResult, UserliClient, UserliError
 
@@ -56,6 +57,12 @@ EXCHANGE_TIMEOUT = 60.0
 # Exchanges waiting for a CONT on one connection.  Postfix has at most one;
 # a client that opens more without finishing them loses the oldest.
 MAX_WAITING = 16
+
+# Logins waiting on one connection (the one being decided included).  Postfix
+# sends one at a time; a client that pipelines more is not read from until
+# half of them are answered.  Each costs its own failure delay, so more
+# would only be answered after Postfix stopped waiting (10 s).
+MAX_QUEUED = 16
 
 # Postfix chops SMTP lines at line_length_limit (2048 bytes), so a request
 # cannot come near this; a longer line is a broken or hostile client.
@@ -147,9 +154,11 @@ class Authenticator:
     Decides logins: normalise, ask Userli, fail closed.
 
     Every failed login is answered only after C{failure_delay} seconds
-    (Dovecot's C{auth_failure_delay}), which slows a password guesser to one
-    try per delay per connection without holding up anything else: the
-    delay is a timer on the injected clock, never a wait.
+    (Dovecot's C{auth_failure_delay}); the Deferred fires only then.  The
+    protocol decides one login at a time per connection, so this slows a
+    password guesser to one try per delay per connection, however many it
+    pipelines, without holding up anything else: the delay is a timer on
+    the injected clock, never a wait.
     """
 
     def __init__(
@@ -305,11 +314,18 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
     """
     One auth connection from Postfix.
 
-    State is kept per request id: each id is either waiting for a CONT or
-    being decided.  A new AUTH with an id replaces whatever that id had
-    pending, and a stale decision is never written under the new request.
-    Replies to different ids leave as soon as they are ready, so one
-    login's failure delay holds up no other request.
+    State is kept per request id: each id is either waiting for a CONT,
+    queued, or being decided.  A new AUTH with an id replaces whatever that
+    id had pending, and a stale decision is never written under the new
+    request.
+
+    Logins are decided one at a time, in the order they arrived, each with
+    its own failure delay: Postfix never sends a second login before the
+    first is answered, and a client that pipelines guesses would otherwise
+    get all its failures after one delay.  At L{MAX_QUEUED} logins waiting
+    the connection is not read from (neither the socket nor lines already
+    received) until half of them are answered.  Challenges (C{CONT}) and
+    answers that need no decision are written at once.
 
     The connection closes only when it has been idle (nothing being
     decided) for L{IDLE_TIMEOUT}, on a VERSION with another major number,
@@ -323,8 +339,13 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     def connectionMade(self) -> None:
         self._waiting: dict[str, _Exchange] = {}
-        # The token of the latest request for each id being decided.
+        # The token of the latest request for each id queued or being decided.
         self._deciding: dict[str, object] = {}
+        # Logins not started yet: (id, token, start), oldest first.
+        self._queue: deque[tuple[str, object, Callable[[], defer.Deferred[Verdict]]]] = deque()
+        # The token of the login being decided, if any.
+        self._running: object | None = None
+        self._advancing = False
         self._inflight = 0
         self._closed = False
         self.clientPid = ""
@@ -349,12 +370,13 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
                 exchange.timer.cancel()
         self._waiting.clear()
         self._deciding.clear()
+        self._queue.clear()
         super().connectionLost(reason)
 
     @property
     def outstanding(self) -> int:
         """
-        AUTH requests being decided or waiting for their C{CONT}: a
+        AUTH requests queued, being decided or waiting for their C{CONT}: a
         connection with any of them is not closed at shutdown until they
         end (bounded by the drain's grace period), since Postfix reports a
         closed auth connection as a temporary failure to the SMTP client.
@@ -386,7 +408,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             self._version(rest.split(b"\t"))
         elif command == b"CPID":
             self.clientPid = _field(rest)
-            log.debug("SASL client pid {pid}", pid=self.clientPid)
+            log.debug("SASL client pid {pid}", pid=_shown(self.clientPid))
         elif command == b"CANCEL":
             self._cancel(_field(rest.split(b"\t")[0]))
         else:
@@ -423,15 +445,16 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             key, sep, value = param.partition(b"=")
             if sep:
                 params[key] = value
-        remote = _field(params.get(b"rip", b""))
+        # Only ever logged; it comes from the client like everything else.
+        remote = _shown(_field(params.get(b"rip", b"")))
         response = params.get(b"resp")
         # A new AUTH replaces whatever this id had pending.
         self._forget(request_id)
         log.debug(
             "SASL AUTH id={id} mechanism={mechanism} rip={remote} initial_response={initial} "
             "client_pid={client}",
-            id=request_id,
-            client=self.clientPid,
+            id=_shown(request_id),
+            client=_shown(self.clientPid),
             mechanism=mechanism if mechanism in MECHANISMS else UNSUPPORTED,
             remote=remote,
             initial="yes" if response is not None else "no",
@@ -457,14 +480,17 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         exchange = self._waiting.pop(request_id, None)
         if exchange is None:
             if request_id in self._deciding:
-                log.warn("Ignoring a CONT for request {id}, which is being decided", id=request_id)
+                log.warn(
+                    "Ignoring a CONT for request {id}, which is being decided",
+                    id=_shown(request_id),
+                )
             else:
-                log.debug("SASL CONT for unknown or expired request {id}", id=request_id)
+                log.debug("SASL CONT for unknown or expired request {id}", id=_shown(request_id))
                 self._writeFail(request_id, Verdict(ERROR, reason=REASON_EXPIRED))
             return
         if exchange.timer.active():
             exchange.timer.cancel()
-        log.debug("SASL CONT id={id}", id=request_id)
+        log.debug("SASL CONT id={id}", id=_shown(request_id))
         self._respond(
             request_id, exchange.mechanism, exchange.stage, exchange.remote, exchange.login, data
         )
@@ -474,15 +500,19 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
     ) -> None:
         """Take the client's answer at C{stage} of an exchange."""
         authenticator = self.factory.authenticator
+
+        def refuse(reason: str) -> None:
+            self._decide(request_id, lambda: authenticator.refuse(mechanism, reason, remote))
+
         decoded = decode_base64(data)
         if decoded is None:
-            self._decide(request_id, authenticator.refuse(mechanism, REASON_BAD_BASE64, remote))
+            refuse(REASON_BAD_BASE64)
             return
         if stage == "username":
             try:
                 name = decoded.decode("utf-8")
             except UnicodeDecodeError:
-                self._decide(request_id, authenticator.refuse(mechanism, REASON_BAD_UTF8, remote))
+                refuse(REASON_BAD_UTF8)
                 return
             self._wait(request_id, mechanism, "password", remote, _PASSWORD_CHALLENGE, name)
             return
@@ -492,7 +522,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         else:
             parts = parse_plain(decoded)
             if parts is None:
-                self._decide(request_id, authenticator.refuse(mechanism, REASON_BAD_PLAIN, remote))
+                refuse(REASON_BAD_PLAIN)
                 return
             authzid, login_bytes, password_bytes = parts
         try:
@@ -501,10 +531,11 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             if login_bytes is not None:
                 login = login_bytes.decode("utf-8")
         except UnicodeDecodeError:
-            self._decide(request_id, authenticator.refuse(mechanism, REASON_BAD_UTF8, remote))
+            refuse(REASON_BAD_UTF8)
             return
         self._decide(
-            request_id, authenticator.login(mechanism, login, password, authz, remote=remote)
+            request_id,
+            lambda: authenticator.login(mechanism, login, password, authz, remote=remote),
         )
 
     def _wait(
@@ -519,7 +550,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         """Send a challenge and keep the exchange until its CONT arrives."""
         if len(self._waiting) >= MAX_WAITING:
             oldest = next(iter(self._waiting))
-            log.debug("Dropping abandoned SASL request {id}", id=oldest)
+            log.debug("Dropping abandoned SASL request {id}", id=_shown(oldest))
             self._forget(oldest)
         timer = self.factory.clock.callLater(
             self.factory.exchange_timeout, self._expire, request_id
@@ -530,11 +561,11 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     def _expire(self, request_id: str) -> None:
         if self._waiting.pop(request_id, None) is not None:
-            log.debug("SASL request {id} got no CONT in time; dropped", id=request_id)
+            log.debug("SASL request {id} got no CONT in time; dropped", id=_shown(request_id))
             self._closeIfDrained()
 
     def _cancel(self, request_id: str) -> None:
-        log.debug("SASL CANCEL id={id}", id=request_id)
+        log.debug("SASL CANCEL id={id}", id=_shown(request_id))
         self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:
@@ -542,8 +573,16 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         if exchange is not None and exchange.timer.active():
             exchange.timer.cancel()
         # A decision still running for this id is let finish (it is counted
-        # as outstanding) but its reply is no longer written.
-        self._deciding.pop(request_id, None)
+        # as outstanding) but its reply is no longer written; one still
+        # queued is dropped before it costs an API call.
+        token = self._deciding.pop(request_id, None)
+        if token is not None:
+            for job in self._queue:
+                if job[1] is token:
+                    self._queue.remove(job)
+                    self._inflight -= 1
+                    self._inflightChanged()
+                    break
 
     def _unknown(self, command: bytes) -> None:
         # Only the command word is logged, and only when it looks like one:
@@ -556,26 +595,59 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     # Replies
 
-    def _decide(self, request_id: str, verdict: defer.Deferred[Verdict]) -> None:
+    def _decide(self, request_id: str, start: Callable[[], defer.Deferred[Verdict]]) -> None:
+        """
+        Queue a login: C{start} begins its decision (an API call, and the
+        failure delay) once every login before it on this connection has
+        been answered.
+        """
         token = object()
         self._deciding[request_id] = token
+        self._queue.append((request_id, token, start))
         self._inflight += 1
         self._inflightChanged()
+        self._advance()
 
-        def answer(result: Verdict) -> None:
+    def _advance(self) -> None:
+        """Start the next queued login when none is being decided."""
+        if self._advancing:
+            # Called back from a decision that finished at once: the loop
+            # below, further up the stack, goes on.
+            return
+        self._advancing = True
+        try:
+            while self._running is None and self._queue and not self._closed:
+                request_id, token, start = self._queue.popleft()
+                self._running = token
+                verdict = defer.maybeDeferred(start)
+                verdict.addCallback(self._answer, request_id, token)
+                verdict.addErrback(self._lost, token)
+        finally:
+            self._advancing = False
+
+    def _answer(self, result: Verdict, request_id: str, token: object) -> None:
+        self._running = None
+        self._inflight -= 1
+        if not self._closed and self._deciding.get(request_id) is token:
+            del self._deciding[request_id]
+            if result.ok:
+                assert result.user is not None
+                self._writeLine(b"OK\t" + _wire(request_id) + b"\tuser=" + _wire(result.user))
+            else:
+                self._writeFail(request_id, result)
+        if not self._closed:
+            self._advance()
+            self._inflightChanged()
+
+    def _lost(self, failure: Failure, token: object) -> None:
+        # The authenticator never fails; should it, the queue must go on.
+        log.failure("SASL reply lost", failure)
+        if self._running is token:
+            self._running = None
             self._inflight -= 1
-            if not self._closed and self._deciding.get(request_id) is token:
-                del self._deciding[request_id]
-                if result.ok:
-                    assert result.user is not None
-                    self._writeLine(b"OK\t" + _wire(request_id) + b"\tuser=" + _wire(result.user))
-                else:
-                    self._writeFail(request_id, result)
-            if not self._closed:
-                self._inflightChanged()
-
-        verdict.addCallback(answer)
-        verdict.addErrback(lambda failure: log.failure("SASL reply lost", failure))
+        if not self._closed:
+            self._advance()
+            self._inflightChanged()
 
     def _writeFail(self, request_id: str, verdict: Verdict) -> None:
         fields = [b"FAIL", _wire(request_id)]
@@ -600,23 +672,35 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             self.setTimeout(self.idleTimeout())
 
     def _inflightChanged(self) -> None:
-        transport = self.transport
+        if self._paused and self._inflight < MAX_QUEUED // 2 and not self._closed:
+            self._paused = False
+            # Parses the lines received meanwhile (which may pause again),
+            # before a draining connection is found idle and closed.
+            self.resumeProducing()
         if self._inflight:
             self.setTimeout(None)
-            if self._inflight >= MAX_PIPELINED and not self._paused:
+            if self._inflight >= MAX_QUEUED and not self._paused:
+                # LineReceiver's pause, not only the transport's: lines
+                # already received and not yet parsed must wait too.
                 self._paused = True
-                transport.pauseProducing()  # type: ignore[attr-defined]
+                self.pauseProducing()
         else:
             self.setTimeout(self.idleTimeout())
             self._closeIfDrained()
-        if self._paused and self._inflight < MAX_PIPELINED // 2:
-            self._paused = False
-            transport.resumeProducing()  # type: ignore[attr-defined]
 
 
 def _field(raw: bytes) -> str:
     """A protocol field as text; undecodable bytes become U+FFFD."""
     return raw.decode("utf-8", "replace")
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    """
+    A field from the client as a log line may show it: unchanged when it is
+    short and printable (ids, addresses), else C{?}, so that nothing the
+    client sends can break or forge a log line.
+    """
+    return text if len(text) <= limit and text.isprintable() else "?"
 
 
 def _wire(text: str) -> bytes:

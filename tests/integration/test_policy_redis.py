@@ -34,7 +34,9 @@ from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import (
     DAY_NS,
     HOUR_NS,
+    MAX_KEPT,
     RateLimiter,
+    RateLimitError,
     RedisRateLimiter,
     Verdict,
     window_key,
@@ -87,6 +89,11 @@ class RedisWindowArithmeticTests(RedisTestMixin, WindowArithmeticMixin, Synchron
         self.redis = BlockingRedis(self.startRedis())
         return RedisRateLimiter(self.redis, clock, Metrics(process=False))  # type: ignore[arg-type]
 
+    def windowSize(self, identity: str = LIMITED) -> int:
+        size = self.redis.server.command("ZCARD", window_key(identity))
+        assert isinstance(size, int)
+        return size
+
     def test_scriptRunsByHash(self) -> None:
         """The script travels once; later steps name it by its hash."""
         self.steps(3, Quota(per_hour=10, per_day=0))
@@ -110,7 +117,8 @@ class RedisWindowArithmeticTests(RedisTestMixin, WindowArithmeticMixin, Synchron
         pending = [self.limiter.check(identity, quota) for identity in identities]
         self.clock.advance(0)
         verdicts = [self.successResultOf(d) for d in pending]  # type: ignore[arg-type]
-        self.assertEqual([v.hour_count for v in verdicts], [1, 1, 2, 2, 3, 3, 4, 4, 5])
+        # a's fifth attempt reads 4: its window keeps limit + 1 members.
+        self.assertEqual([v.hour_count for v in verdicts], [1, 1, 2, 2, 3, 3, 4, 4, 4])
         self.assertEqual([v.allowed for v in verdicts], [True] * 6 + [False] * 3)
         self.assertEqual(self.redis.commands, ["EVAL"])
 
@@ -134,18 +142,18 @@ class GoLayoutTests(RedisTestMixin, SynchronousTestCase):
     def now(self) -> int:
         return int(self.clock.seconds() * 1_000_000_000)
 
-    def goStep(self, quota: Quota, suffix: str) -> bool:
+    def goStep(self, quota: Quota, suffix: str, key: str = KEY) -> bool:
         """
         One step as the Go program takes it, spelt out as the plain commands
         its script runs: the same key, member, score, expiry and bounds.
         """
         now = self.now()
         command = self.server.command
-        command("ZREMRANGEBYSCORE", KEY, "-inf", f"({now - DAY_NS}")
-        command("ZADD", KEY, now, f"{now}:{suffix}")
-        command("EXPIRE", KEY, 25 * 3600)
-        day = command("ZCARD", KEY)
-        hour = command("ZCOUNT", KEY, f"({now - HOUR_NS}", "+inf")
+        command("ZREMRANGEBYSCORE", key, "-inf", f"({now - DAY_NS}")
+        command("ZADD", key, now, f"{now}:{suffix}")
+        command("EXPIRE", key, 25 * 3600)
+        day = command("ZCARD", key)
+        hour = command("ZCOUNT", key, f"({now - HOUR_NS}", "+inf")
         assert isinstance(day, int) and isinstance(hour, int)
         return not (0 < quota.per_hour < hour or 0 < quota.per_day < day)
 
@@ -201,6 +209,69 @@ class GoLayoutTests(RedisTestMixin, SynchronousTestCase):
         self.assertTrue(25 * 3600 - 60 < ttl <= 25 * 3600, ttl)
         self.assertEqual(self.server.command("TYPE", KEY), "zset")
 
+    def test_hammeringSender(self) -> None:
+        """
+        500 attempts of a sender with a quota of 3 per hour, at 100 a
+        second: every decision is the one the Go program takes on a whole
+        window (run beside it, on a key of its own), yet the sorted set
+        holds 4 members where the Go program's holds 500; and it is still
+        the Go layout, which the Go program carries on with.
+        """
+        quota = Quota(per_hour=3, per_day=0)
+        go_key = window_key("go-reference@example.org")
+        for n in range(500):
+            ours = self.step(quota)
+            expected = self.goStep(quota, f"{n:08x}", key=go_key)
+            self.assertEqual(ours.allowed, expected, n)
+            self.clock.advance(0.01)
+        self.assertEqual(self.server.command("ZCARD", go_key), 500)
+        self.assertEqual(self.server.command("ZCARD", KEY), 4)
+        raw = self.server.command("ZRANGE", KEY, 0, -1, "WITHSCORES")
+        assert isinstance(raw, list)
+        # The newest four attempts (10 ms apart, the last 10 ms ago) are the
+        # ones kept.
+        newest = self.now() - 10**7
+        scores = [float(score) for score in raw[1::2]]
+        self.assertEqual(scores, sorted(scores))
+        self.assertGreater(scores[0], newest - 3.5 * 10**7)
+        self.assertLessEqual(scores[-1], newest + 10**6)
+        for member in raw[::2]:
+            self.assertRegex(member, MEMBER)
+        ttl = self.server.command("TTL", KEY)
+        assert isinstance(ttl, int)
+        self.assertTrue(25 * 3600 - 60 < ttl <= 25 * 3600, ttl)
+        # The Go program, on our window: still refused, as on its own.
+        self.assertFalse(self.goStep(quota, "ffffffff"))
+        self.clock.advance(3600)
+        self.assertTrue(self.goStep(quota, "eeeeeeee"))
+        self.assertTrue(self.step(quota).allowed)
+        self.assertTrue(self.goStep(quota, "dddddddd"))
+        self.assertFalse(self.step(quota).allowed)
+
+    def test_goWindowCutDown(self) -> None:
+        """
+        A large window the Go program wrote is cut to the newest members at
+        our first step, and the decision is the one the whole window gives.
+        """
+        quota = Quota(per_hour=0, per_day=10)
+        for n in range(200):
+            self.goStep(quota, f"{n:08x}")
+            self.clock.advance(1)
+        self.assertEqual(self.server.command("ZCARD", KEY), 200)
+        self.assertEqual(self.step(quota), Verdict(False, 11, 11))
+        self.assertEqual(self.server.command("ZCARD", KEY), 11)
+        self.assertFalse(self.goStep(quota, "ffffffff"))
+
+    def test_largeLimits(self) -> None:
+        """
+        The largest limits are counted right too: one just below
+        L{MAX_KEPT} (the script trims to a rank of a billion) and one beyond
+        it (the window is kept whole).
+        """
+        for quota in (Quota(per_hour=MAX_KEPT - 1, per_day=0), Quota(0, 10**15)):
+            self.assertEqual(self.step(quota).allowed, True)
+        self.assertEqual(self.step(Quota(per_hour=2, per_day=0)), Verdict(False, 3, 3))
+
     def test_alternating(self) -> None:
         """
         A quota of 3 with steps taken alternately by the Go program and by
@@ -215,7 +286,60 @@ class GoLayoutTests(RedisTestMixin, SynchronousTestCase):
         self.clock.advance(3600)
         # Only the attempts of the last hour count, on both sides.
         self.assertTrue(self.goStep(quota, "dddddddd"))
-        self.assertEqual(self.step(quota), Verdict(True, 2, 7))
+        # Seven attempts today, read up to limit + 1 (no daily limit to judge).
+        self.assertEqual(self.step(quota), Verdict(True, 2, 4))
+
+
+class OddKeyTests(RedisTestMixin, SynchronousTestCase):
+    """
+    A window key of another type (written by hand, or by another program)
+    in a script call of several senders: that sender fails open, the
+    others of the call are judged and recorded as if it were not there.
+    """
+
+    def setUp(self) -> None:
+        self.server = self.startRedis()
+        self.clock = task.Clock()
+        self.clock.advance(START)
+        self.metrics = Metrics(process=False)
+        self.limiter = RedisRateLimiter(
+            BlockingRedis(self.server),  # type: ignore[arg-type]
+            self.clock,
+            self.metrics,
+        )
+
+    def errors(self) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "userli_postfix_adapter_ratelimit_backend_errors_total", {"operation": "check"}
+        )
+        return value or 0.0
+
+    def test_wrongTypeInBatch(self) -> None:
+        """
+        With a string at the second sender's key, the first and third
+        senders get their verdicts and their windows, the second a
+        L{RateLimitError} (counted once), and the string is left alone.
+        """
+        odd = window_key("odd@example.org")
+        self.server.command("SET", odd, "not a window")
+        quota = Quota(per_hour=1, per_day=0)
+        identities = ["a@example.org", "odd@example.org", "b@example.org", "a@example.org"]
+        pending = [self.limiter.check(identity, quota) for identity in identities]
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(pending[0]), Verdict(True, 1, 1))
+        failure = self.failureResultOf(pending[1], RateLimitError)
+        self.assertIn("WRONGTYPE", str(failure.value))
+        self.assertEqual(self.successResultOf(pending[2]), Verdict(True, 1, 1))
+        self.assertEqual(self.successResultOf(pending[3]), Verdict(False, 2, 2))
+        self.assertEqual(self.errors(), 1)
+        self.assertEqual(self.server.command("GET", odd), "not a window")
+        self.assertEqual(self.server.command("TTL", odd), -1)
+        self.assertEqual(self.server.command("ZCARD", window_key("a@example.org")), 2)
+        self.assertEqual(self.server.command("ZCARD", window_key("b@example.org")), 1)
+        # The next call goes on as usual.
+        d = self.limiter.check("b@example.org", quota)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d), Verdict(False, 2, 2))
 
 
 def policy_query(
@@ -369,3 +493,23 @@ def test_restart_keeps_count(start_daemon: StartDaemon, redis_server: RedisServe
     assert second.policy is not None
     wait_for_daemons(redis_server, 1)
     assert policy_query(second.policy, [message()]) == [REJECT]
+
+
+def test_odd_key_fails_open(start_daemon: StartDaemon, redis_server: RedisServer) -> None:
+    """
+    A sender whose window key holds another type: each of its messages is
+    let through (DUNNO) and counted as a backend error; once the key is
+    gone, its quota is enforced again.
+    """
+    daemon = start_daemon(redis=redis_server)
+    assert daemon.policy is not None
+    wait_for_daemons(redis_server, 1)
+    redis_server.command("SET", KEY, "not a window")
+    # limited@example.org: 2 per hour.
+    assert policy_query(daemon.policy, [message()] * 3) == ["DUNNO"] * 3
+    errors = metric(daemon.metrics_url, "ratelimit_backend_errors_total", '{operation="check"}')
+    assert errors == 3
+    assert redis_server.command("GET", KEY) == "not a window"
+    redis_server.command("DEL", KEY)
+    assert policy_query(daemon.policy, [message()] * 3) == ["DUNNO", "DUNNO", REJECT]
+    assert redis_server.command("ZCARD", KEY) == 3

@@ -71,6 +71,9 @@ BAD_ENVIRONMENTS = [
     ("SASL_LISTEN_ADDR", "tcp:notaport", "tcp:notaport"),
     ("LOG_LEVEL", "verbose", "'verbose'"),
     ("LOG_FORMAT", "xml", "'xml'"),
+    ("WORKERS", "\u00b2", "'\u00b2'"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/\u00b2", "database number"),
+    ("REDIS_URL", "redis://127.0.0.1:\u0666\u0663\u0667\u0669/0", "URL"),
 ]
 
 
