@@ -205,4 +205,3 @@ class TestLost:
             assert "Redis refused client tracking" in daemon.output()
         finally:
             redis.stop()
-
