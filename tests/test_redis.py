@@ -17,6 +17,7 @@ from userli_postfix.config import RedisTarget
 from userli_postfix.redis import (
     COMMAND_TIMEOUT,
     INVALIDATE_CHANNEL,
+    TRACKING_PING,
     TRACKING_RETRY,
     RedisClient,
     RedisUnavailable,
@@ -285,6 +286,24 @@ class TrackerTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(self.listener.events, [("started", None)])
+
+    def test_ping(self) -> None:
+        """
+        While tracking, the connection is asked for a PING every second,
+        so a connection that died silently is noticed (txredisapi's reply
+        timeout closes it); none once it is gone.
+        """
+        self.establish()
+        self.clock.advance(TRACKING_PING)
+        self.assertEqual(self.conn.commands[-1], ("PING",))
+        self.conn.answers[-1].callback(["pong", ""])
+        self.clock.advance(TRACKING_PING)
+        self.assertEqual(len(self.conn.commands), 5)
+        self.conn.answers[-1].errback(txredisapi.TimeoutError("no reply"))
+        self.conn.connected = 0
+        self.tracker.connectionLost(self.conn)
+        self.clock.advance(TRACKING_PING * 3)
+        self.assertEqual(len(self.conn.commands), 5)
 
     def test_not_started_before_subscribed(self) -> None:
         """Until SUBSCRIBE is answered, nothing is said to be tracked."""

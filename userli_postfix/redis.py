@@ -48,6 +48,13 @@ INVALIDATE_CHANNEL = "__redis__:invalidate"
 # tiny commands.
 TRACKING_RETRY = 30.0
 
+# How often the subscriber connection is asked for a PING.  Nothing else is
+# ever sent on it, so without this a connection that died silently (a
+# network partition) would go unnoticed, and with it the invalidations it
+# no longer receives; txredisapi's reply timeout closes a connection whose
+# PING is not answered, which ends tracking here.
+TRACKING_PING = 1.0
+
 
 class RedisUnavailable(Exception):
     """Redis did not answer: not connected, timed out, or the connection broke."""
@@ -179,6 +186,7 @@ class _Tracker:
                 return
             self._refused = None
             self.listener.trackingStarted()
+            self.clock.callLater(TRACKING_PING, self._ping, connection)
 
         def refused(failure: Failure) -> None:
             if self._current is not connection or not connection.connected:
@@ -201,6 +209,17 @@ class _Tracker:
     def _retry(self, connection: Any) -> None:
         if self._current is connection and connection.connected:
             self.connectionReady(connection)
+
+    def _ping(self, connection: Any) -> None:
+        if self._current is not connection or not connection.connected:
+            return
+
+        def again(result: object) -> None:
+            # A failed PING has closed the connection (its loss is reported
+            # through connectionLost); the next one is for a live one.
+            self.clock.callLater(TRACKING_PING, self._ping, connection)
+
+        connection.execute_command("PING").addBoth(again)
 
     def connectionLost(self, connection: Any) -> None:
         """A subscriber connection closed: what it tracked is no longer reported."""
