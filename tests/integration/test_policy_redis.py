@@ -353,8 +353,10 @@ def test_daemon_without_redis(start_daemon: StartDaemon, fake_userli: FakeUserli
     spellings = ["LIMITED@example.org", "limited+x@example.org", "limited@example.org"]
     actions = policy_query(daemon.policy, [message(s) for s in spellings])
     assert actions == ["DUNNO", "DUNNO", REJECT]
-    # Only the normalised address reached the API, once (the quota is kept).
-    assert [r.key for r in fake_userli.fake.requests("smtp_quota")] == [LIMITED]
+    # Only the normalised address reached the API (once per message, or
+    # fewer where identical questions were in flight together).
+    keys = [r.key for r in fake_userli.fake.requests("smtp_quota")]
+    assert set(keys) == {LIMITED} and 1 <= len(keys) <= 3
 
 
 def test_restart_keeps_count(start_daemon: StartDaemon, redis_server: RedisServer) -> None:
