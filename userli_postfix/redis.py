@@ -167,7 +167,7 @@ class _Tracker:
         self._current = connection
 
         def track(clientId: object) -> defer.Deferred[Any]:
-            return connection.execute_command(
+            d: defer.Deferred[Any] = connection.execute_command(
                 "CLIENT",
                 "TRACKING",
                 "on",
@@ -177,9 +177,11 @@ class _Tracker:
                 "PREFIX",
                 self.prefix,
             )
+            return d
 
         def subscribe(_: object) -> defer.Deferred[Any]:
-            return connection.subscribe(INVALIDATE_CHANNEL)
+            d: defer.Deferred[Any] = connection.subscribe(INVALIDATE_CHANNEL)
+            return d
 
         def started(_: object) -> None:
             if self._current is not connection or not connection.connected:
