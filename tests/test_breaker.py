@@ -27,7 +27,10 @@ from userli_postfix.breaker import (
     State,
     unanswered,
 )
+from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
+from userli_postfix.policy import PolicyRequest, QuotaPolicy
+from userli_postfix.ratelimit import MemoryRateLimiter
 from userli_postfix.userli import CircuitOpen, UserliClient, UserliError
 
 # Steps of the state machine: (time to advance, event, expected admit
@@ -272,6 +275,33 @@ class ClientBreakerTests(SynchronousTestCase):
         d = client.domain("example.org")
         self.stub.flush()
         self.assertTrue(self.successResultOf(d))
+
+    def test_fast_failures_not_logged_each(self) -> None:
+        """
+        While open, lookups and quota checks answered at once write no line
+        each (the breaker said so once); the answers are still TEMP and DUNNO.
+        """
+        client = self.client()
+        self.open(client)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        lookups = Lookups(client, None, self.metrics, self.clock)
+        policy = QuotaPolicy(client, MemoryRateLimiter(self.clock), self.clock, self.metrics)
+        for n in range(10):
+            reply = lookups.answer(b"mailbox a%d@example.org" % n)
+            if not isinstance(reply, bytes):
+                reply = self.successResultOf(reply)
+            self.assertTrue(reply.startswith(b"TEMP "))
+            action = policy.decide(
+                PolicyRequest(protocol_state="END-OF-MESSAGE", sender=f"a{n}@example.org")
+            )
+            if not isinstance(action, str):
+                action = self.successResultOf(action)
+            self.assertEqual(action, "DUNNO")
+        self.assertEqual(
+            [e.get("log_format") for e in events if e.get("log_level") is not None], []
+        )
 
 
 class Answers(resource.Resource):

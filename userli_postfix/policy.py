@@ -28,7 +28,7 @@ from userli_postfix.config import Config
 from userli_postfix.listeners import MAX_CONNECTIONS, LimitedFactory, ServingMixin
 from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import RateLimiter, Verdict
-from userli_postfix.userli import Quota, UserliClient
+from userli_postfix.userli import CircuitOpen, Quota, UserliClient
 
 log = Logger()
 
@@ -308,17 +308,19 @@ class QuotaPolicy:
         if known is not None:
             # Userli cannot answer: the quota it last gave still holds,
             # so an outage is no window for a spam run.
+            if not failure.check(CircuitOpen):
+                log.warn(
+                    "Quota of {identity} unavailable, enforcing the last one learned: {error}",
+                    identity=identity,
+                    error=failure.value,
+                )
+            return self._limit(known, identity, started)
+        if not failure.check(CircuitOpen):
             log.warn(
-                "Quota of {identity} unavailable, enforcing the last one learned: {error}",
+                "Quota of {identity} unavailable, message allowed: {error}",
                 identity=identity,
                 error=failure.value,
             )
-            return self._limit(known, identity, started)
-        log.warn(
-            "Quota of {identity} unavailable, message allowed: {error}",
-            identity=identity,
-            error=failure.value,
-        )
         return self._done("check", "error", started, DUNNO)
 
     def _noWindow(self, failure: Failure, started: float) -> str:
