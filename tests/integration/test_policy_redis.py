@@ -279,12 +279,16 @@ def wait_for_daemons(redis: RedisServer, daemons: int) -> None:
     """
 
     def connected() -> bool:
-        info = redis.command("INFO", "clients")
-        assert isinstance(info, str)
-        match = re.search(r"^connected_clients:(\d+)", info, re.M)
-        assert match is not None
-        # Minus the connection that asks.
-        return int(match.group(1)) - 1 >= POOL_SIZE * daemons
+        listing = redis.command("CLIENT", "LIST")
+        assert isinstance(listing, str)
+        # The pool connections: not the one that asks, nor each daemon's
+        # subscriber connection (client tracking of the lookup cache).
+        pool = [
+            line
+            for line in listing.splitlines()
+            if line and "cmd=client" not in line and " sub=0 " in line
+        ]
+        return len(pool) >= POOL_SIZE * daemons
 
     wait_for(connected, f"{daemons} daemon(s) to connect to Redis")
 
