@@ -372,7 +372,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
         self.assertIsNone(config.redis)
         self.assertEqual(config.lookup_cache_ttl, 300.0)
-        self.assertEqual(config.quota_cache_ttl, 30.0)
+        self.assertEqual(config.quota_cache_ttl, 0.0)
         self.assertEqual(config.sasl_failure_delay, 2.0)
         self.assertEqual(config.log_level, "info")
         self.assertEqual(config.log_format, "text")
@@ -394,7 +394,7 @@ class ConfigTests(SynchronousTestCase):
             "LOG_LEVEL": "info",
         }
         self.assertEqual({k: defaults.get(k, "missing") for k in go}, go)
-        self.assertEqual(defaults["QUOTA_CACHE_TTL"], "30s")
+        self.assertEqual(defaults["QUOTA_CACHE_TTL"], "0")
         self.assertEqual(defaults["SASL_FAILURE_DELAY"], "2s")
         self.assertEqual(defaults["LOG_FORMAT"], "text")
 

@@ -2,7 +2,9 @@
 Tests for L{userli_postfix.cache.NearCache}, the in-process cache of OK
 answers in front of Redis, and for how L{userli_postfix.lookups.Lookups}
 uses it: a hot key costs no Redis round trip, an entry never outlives the
-Redis entry it copies, and identical lookups in flight share one API call.
+Redis entry it copies, copies exist only while Redis reports changes
+(client tracking) and no change reported after a read was sent is ever
+missed, and identical lookups in flight share one API call.
 
 Redis is a small fake with expiry on a L{Clock}; replies can be held back
 to test what happens while a command is on the wire.
@@ -18,9 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.doubles import FakeLookupClient
 from userli_postfix.cache import (
+    CACHE_PREFIX,
     LIFETIME_SCRIPT,
     NEAR_CACHE_ENTRIES,
-    NEAR_CACHE_TTL,
     SET_MANY_SCRIPT,
     NearCache,
     RedisCache,
@@ -84,6 +86,8 @@ class FakeRedis:
             return "OK"
         if command == "EVAL" and args[0] == LIFETIME_SCRIPT:
             _, _, key, expected = args
+            if isinstance(expected, bytes):
+                expected = expected.decode("utf-8")
             if self._run("GET", key) != expected:
                 return -2
             return self._run("PTTL", key)
@@ -127,7 +131,14 @@ class NearCacheTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.redis = FakeRedis(self.clock)
         self.ttl = 300.0
-        self.cache = NearCache(RedisCache(self.redis, self.ttl), self.clock, self.ttl)  # type: ignore[arg-type]
+        self.metrics = Metrics(process=False)
+        self.cache = NearCache(
+            RedisCache(self.redis, self.ttl),  # type: ignore[arg-type]
+            self.clock,
+            self.ttl,
+            metrics=self.metrics,
+        )
+        self.cache.trackingStarted()
 
     def flush(self) -> None:
         """End the reactor turn: what was batched goes to Redis."""
@@ -141,9 +152,9 @@ class NearCacheTests(SynchronousTestCase):
         return result
 
     def test_defaults(self) -> None:
-        """The near-cache keeps answers a few seconds, for a bounded set of keys."""
-        self.assertEqual(NEAR_CACHE_TTL, 5.0)
+        """The near-cache keeps a bounded set of keys, under the Go program's key prefix."""
         self.assertEqual(NEAR_CACHE_ENTRIES, 5_000)
+        self.assertEqual(CACHE_PREFIX, "userli:lookup:")
 
     def test_set_writes_both(self) -> None:
         """An answer is kept in the process at once, and written to Redis in the Go layout."""
@@ -204,20 +215,24 @@ class NearCacheTests(SynchronousTestCase):
         self.flush()
         self.assertEqual(self.redis.commands, [])
 
-    def test_expires_after_near_ttl(self) -> None:
-        """After the near TTL the answer comes from Redis again (and is copied anew)."""
+    def test_copy_kept_as_long_as_redis(self) -> None:
+        """
+        While Redis reports changes, an own answer is kept the lookup TTL
+        (Redis keeps it a moment longer), with no Redis command meanwhile.
+        """
         self.cache.set("mailbox", "a@example.org", b"OK 1")
         self.flush()
-        self.clock.advance(NEAR_CACHE_TTL)
-        self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
         self.redis.commands.clear()
-        self.assertEqual(self.get("mailbox", "a@example.org"), b"OK 1")
-        self.assertEqual(self.redis.names(), ["GET", "EVAL"])
+        self.clock.advance(self.ttl - 0.001)
         self.assertEqual(self.cache.peek("mailbox", "a@example.org"), b"OK 1")
+        self.clock.advance(0.001)
+        self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
+        self.assertEqual(self.redis.commands, [])
 
-    def test_near_ttl_capped_by_lookup_ttl(self) -> None:
-        """With LOOKUP_CACHE_TTL below the near TTL, entries live LOOKUP_CACHE_TTL."""
+    def test_lookup_ttl_caps_copies(self) -> None:
+        """With a short LOOKUP_CACHE_TTL, entries live LOOKUP_CACHE_TTL."""
         cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        cache.trackingStarted()
         cache.set("domain", "example.org", b"OK 1")
         self.clock.advance(1.999)
         self.assertEqual(cache.peek("domain", "example.org"), b"OK 1")
@@ -230,6 +245,7 @@ class NearCacheTests(SynchronousTestCase):
         Redis drops it, though Redis got it a reactor turn later.
         """
         cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        cache.trackingStarted()
         cache.set("domain", "example.org", b"OK 1")
         self.clock.advance(0.5)  # a slow turn: the write goes out half a second later
         self.clock.advance(1.5)
@@ -269,11 +285,11 @@ class NearCacheTests(SynchronousTestCase):
         self.clock.advance(0.001)
         self.assertIsNone(self.cache.peek("domain", "example.org"))
 
-    def test_no_expiry_kept_near_ttl(self) -> None:
-        """A Redis entry without expiry is copied for the near TTL."""
+    def test_no_expiry_kept_lookup_ttl(self) -> None:
+        """A Redis entry without expiry is copied for at most the lookup TTL."""
         self.redis.put(cache_key("domain", "example.org"), "OK 1", None)
         self.assertEqual(self.get("domain", "example.org"), b"OK 1")
-        self.clock.advance(NEAR_CACHE_TTL - 0.001)
+        self.clock.advance(self.ttl - 0.001)
         self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
         self.clock.advance(0.001)
         self.assertIsNone(self.cache.peek("domain", "example.org"))
@@ -361,6 +377,7 @@ class NearCacheTests(SynchronousTestCase):
             self.ttl,
             max_entries=3,
         )
+        cache.trackingStarted()
         for name in ("a", "b", "c"):
             cache.set("mailbox", f"{name}@example.org", b"OK 1")
         self.assertEqual(cache.peek("mailbox", "a@example.org"), b"OK 1")  # a is now recent
@@ -375,6 +392,205 @@ class NearCacheTests(SynchronousTestCase):
         self.cache.set("alias", "a@example.org", b"OK b@example.org")
         self.assertIsNone(self.cache.peek("senders", "a@example.org"))
 
+    # Coherence with Redis (client tracking).
+
+    def gauge(self) -> float | None:
+        """The near-cache's coherence gauge."""
+        return self.metrics.registry.get_sample_value("userli_postfix_adapter_near_cache_coherent")
+
+    def copied(self, mapname: str, key: str, value: str) -> None:
+        """Put C{value} in Redis and read it through, so it is copied."""
+        self.redis.put(cache_key(mapname, key), value, 300.0)
+        self.assertEqual(self.get(mapname, key), value.encode())
+        self.assertEqual(self.cache.peek(mapname, key), value.encode())
+
+    def test_no_copies_until_tracking(self) -> None:
+        """
+        Before tracking is established nothing is copied, own answers
+        included: every lookup reads Redis.
+        """
+        cache = NearCache(RedisCache(self.redis, self.ttl), self.clock, self.ttl)  # type: ignore[arg-type]
+        self.assertFalse(cache.coherent)
+        cache.set("domain", "example.org", b"OK 1")
+        self.assertIsNone(cache.peek("domain", "example.org"))
+        self.flush()
+        d = cache.get("domain", "example.org")
+        self.flush()
+        self.assertEqual(self.successResultOf(d), b"OK 1")
+        self.assertIsNone(cache.peek("domain", "example.org"))
+        self.assertEqual(len(cache), 0)
+
+    def test_gauge(self) -> None:
+        """The gauge says 1 while tracking holds and 0 otherwise."""
+        self.assertEqual(self.gauge(), 1.0)
+        self.cache.trackingLost("test")
+        self.assertEqual(self.gauge(), 0.0)
+        self.cache.trackingStarted()
+        self.assertEqual(self.gauge(), 1.0)
+
+    def test_loss_drops_everything(self) -> None:
+        """Losing tracking drops every copy; none is made until it is back."""
+        self.copied("domain", "example.org", "OK 1")
+        self.cache.trackingLost("test")
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+        self.assertEqual(self.get("domain", "example.org"), b"OK 1")
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+        self.cache.trackingStarted()
+        self.assertEqual(self.get("domain", "example.org"), b"OK 1")
+        self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
+
+    def test_loss_logged_once(self) -> None:
+        """One log line when tracking is lost, however often it is said; one when it is back."""
+        events: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(3):
+            self.cache.trackingLost("test")
+        self.cache.trackingStarted()
+        self.cache.trackingStarted()
+        formats = [
+            e.get("log_format", "")
+            for e in events
+            if e.get("log_namespace", "").startswith("userli_postfix.cache")
+        ]
+        self.assertEqual(len([f for f in formats if f.startswith("Near-cache off")]), 1)
+        self.assertEqual(len([f for f in formats if f.startswith("Near-cache on")]), 1)
+
+    def test_invalidation_drops_key(self) -> None:
+        """An invalidated key is dropped, and only that one."""
+        self.copied("domain", "example.org", "OK 1")
+        self.copied("domain", "example.net", "OK 1")
+        self.cache.invalidated([cache_key("domain", "example.org"), "other:key"])
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+        self.assertEqual(self.cache.peek("domain", "example.net"), b"OK 1")
+
+    def test_null_invalidation_drops_all(self) -> None:
+        """An invalidation without keys (a flush) drops every copy."""
+        self.copied("domain", "example.org", "OK 1")
+        self.copied("alias", "a@example.org", "OK b@example.org")
+        self.cache.invalidated(None)
+        self.assertEqual(len(self.cache), 0)
+        self.assertTrue(self.cache.coherent)
+
+    def test_own_write_invalidated(self) -> None:
+        """An own answer is dropped when Redis reports a change of its key."""
+        self.cache.set("domain", "example.org", b"OK 1")
+        self.cache.invalidated([cache_key("domain", "example.org")])
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+
+    def test_invalidated_while_in_flight_not_copied(self) -> None:
+        """
+        A change reported after the read was sent (the invalidation arrived
+        before the reply, on the other connection) keeps the value read
+        from being copied; it is still the answer to that lookup.
+        """
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 300.0)
+        self.redis.hold = True
+        d = self.cache.get("domain", "example.org")
+        self.flush()
+        self.cache.invalidated([cache_key("domain", "example.org")])
+        self.redis.hold = False
+        self.redis.release()
+        self.assertEqual(self.successResultOf(d), b"OK 1")
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+        # The next read, after the change, is copied again.
+        self.assertEqual(self.get("domain", "example.org"), b"OK 1")
+        self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
+
+    def test_invalidated_before_lifetime_reply_not_copied(self) -> None:
+        """A change reported between the read's reply and the lifetime reply is not missed."""
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 300.0)
+        self.redis.hold = True
+        d = self.cache.get("domain", "example.org")
+        self.flush()
+        self.redis.release()  # the MGET reply; the lifetime question goes out
+        self.assertEqual(self.successResultOf(d), b"OK 1")
+        self.cache.invalidated([cache_key("domain", "example.org")])
+        self.redis.release()
+        self.assertIsNone(self.cache.peek("domain", "example.org"))
+
+    def test_other_key_invalidated_in_flight_copied(self) -> None:
+        """A change of another key while a read is in flight does not stop its copy."""
+        self.redis.put(cache_key("domain", "example.org"), "OK 1", 300.0)
+        self.redis.hold = True
+        d = self.cache.get("domain", "example.org")
+        self.flush()
+        self.cache.invalidated([cache_key("domain", "example.net")])
+        self.redis.hold = False
+        self.redis.release()
+        self.assertEqual(self.successResultOf(d), b"OK 1")
+        self.assertEqual(self.cache.peek("domain", "example.org"), b"OK 1")
+
+    def test_flush_or_loss_in_flight_not_copied(self) -> None:
+        """
+        A flush, a loss of tracking or tracking (re)established while a
+        read is in flight: the value read is not copied.
+        """
+        events = [
+            lambda: self.cache.invalidated(None),
+            lambda: (self.cache.trackingLost("test"), self.cache.trackingStarted()),
+            self.cache.trackingStarted,
+        ]
+        for event in events:
+            self.redis.put(cache_key("domain", "example.org"), "OK 1", 300.0)
+            self.redis.hold = True
+            d = self.cache.get("domain", "example.org")
+            self.flush()
+            event()
+            self.redis.hold = False
+            self.redis.release()
+            self.assertEqual(self.successResultOf(d), b"OK 1")
+            self.assertIsNone(self.cache.peek("domain", "example.org"))
+
+    def test_in_flight_bookkeeping_bounded(self) -> None:
+        """Once its reads are answered, nothing is kept about an invalidated key."""
+        self.redis.hold = True
+        d = self.cache.get("domain", "example.org")
+        self.flush()
+        self.cache.invalidated([cache_key("domain", "example.org")])
+        self.cache.invalidated([cache_key("domain", f"{n}.example") for n in range(100)])
+        self.redis.hold = False
+        self.redis.release()
+        self.successResultOf(d)
+        self.assertEqual(self.cache._inflight, {})
+        self.assertEqual(self.cache._invalidatedAt, {})
+
+    def test_every_waiter_fires_on_odd_reply(self) -> None:
+        """
+        One reply that cannot be copied (bytes that are not UTF-8, the
+        lifetime question blowing up) leaves no other waiter of the batch
+        without its answer.
+        """
+        self.redis.put(cache_key("alias", "b@example.org"), "OK c@example.org", 300.0)
+        self.redis.hold = True
+        first = self.cache.get("alias", "a@example.org")
+        second = self.cache.get("alias", "b@example.org")
+        self.flush()
+        self.redis.hold = False
+        self.redis.held[0] = (self.redis.held[0][0], [b"OK \xff\xfe", "OK c@example.org"])
+        self.redis.failing.add("EVAL")
+        self.redis.release()
+        self.assertEqual(self.successResultOf(first), b"OK \xff\xfe")
+        self.assertEqual(self.successResultOf(second), b"OK c@example.org")
+
+    def test_every_waiter_fires_when_copy_raises(self) -> None:
+        """Even a lifetime question that raises at once leaves every waiter answered."""
+        self.redis.put(cache_key("alias", "a@example.org"), "OK x@example.org", 300.0)
+        self.redis.put(cache_key("alias", "b@example.org"), "OK y@example.org", 300.0)
+
+        def boom(*args: Any) -> Any:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+        self.cache._backend.lifetime = boom  # type: ignore[method-assign]
+        first = self.cache.get("alias", "a@example.org")
+        second = self.cache.get("alias", "b@example.org")
+        self.flush()
+        self.assertEqual(self.successResultOf(first), b"OK x@example.org")
+        self.assertEqual(self.successResultOf(second), b"OK y@example.org")
+        self.assertEqual(self.cache._inflight, {})
+
 
 def _result(answer: defer.Deferred[bytes] | bytes, case: SynchronousTestCase) -> bytes:
     return answer if isinstance(answer, bytes) else case.successResultOf(answer)
@@ -388,6 +604,7 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.redis = FakeRedis(self.clock)
         self.cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        self.cache.trackingStarted()
         self.client = FakeLookupClient()
         self.metrics = Metrics(process=False)
         self.lookups = Lookups(self.client, self.cache, self.metrics, self.clock, "+")  # type: ignore[arg-type]

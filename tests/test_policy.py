@@ -18,10 +18,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fake_userli import ERROR, SLOW, TOKEN, FakeUserli, FakeUserliResource, UserliData
+from userli_postfix.breaker import FAILURES_TO_OPEN
 from userli_postfix.config import Config
 from userli_postfix.metrics import Metrics
 from userli_postfix.policy import (
     IDLE_TIMEOUT,
+    LAST_KNOWN_QUOTA_TTL,
     MAX_ATTRIBUTES,
     MAX_LINE,
     PolicyFactory,
@@ -688,7 +690,128 @@ class QuotaSourceTests(PolicyTestCase):
         self.successResultOf(source.fetch("limited@example.org"))
         self.clock.advance(31)
         self.successResultOf(source.fetch("free@example.org"))
-        self.assertEqual(len(source), 1)
+        self.assertEqual(len(source), 2)
+        self.clock.advance(LAST_KNOWN_QUOTA_TTL - 30)
+        self.successResultOf(source.fetch("alice@example.org"))
+        self.assertEqual(len(source), 2)
+        self.assertIsNone(source.lastKnown("limited@example.org"))
+
+    def test_lastKnownBounded(self) -> None:
+        """The last-known quotas are bounded too, oldest dropped first."""
+        source = QuotaSource(self.client, self.clock, ttl=0.0, max_entries=2)
+        for user in ("limited", "free", "alice"):
+            self.successResultOf(source.fetch(f"{user}@example.org"))
+        self.assertEqual(len(source), 2)
+        self.assertIsNone(source.lastKnown("limited@example.org"))
+        self.assertEqual(source.lastKnown("alice@example.org"), Quota(100, 1000))
+
+    def test_noTtlNoPeek(self) -> None:
+        """With a TTL of 0 nothing is ever answered from memory while Userli answers."""
+        source = QuotaSource(self.client, self.clock, ttl=0.0)
+        self.successResultOf(source.fetch("alice@example.org"))
+        self.assertIsNone(source.peek("alice@example.org"))
+        self.assertEqual(source.lastKnown("alice@example.org"), Quota(100, 1000))
+
+
+class LastKnownQuotaTests(PolicyTestCase):
+    """
+    The default (C{QUOTA_CACHE_TTL=0}): every message asks Userli, and the
+    last quota learned is enforced while Userli cannot answer.
+    """
+
+    cache_ttl = 0.0
+
+    def eom(self, identity: str = "limited@example.org") -> str:
+        """One END-OF-MESSAGE of C{identity}, with the fake Userli answering at once."""
+        return self.decide(protocol_state="END-OF-MESSAGE", sasl_username=identity)
+
+    def test_default(self) -> None:
+        """Quotas are fresh by default: C{QUOTA_CACHE_TTL} is 0."""
+        self.assertEqual(Config(userli_token="t").quota_cache_ttl, 0.0)
+        policy = QuotaPolicy(self.client, self.limiter, self.clock, self.metrics)
+        self.assertEqual(policy._quotas._ttl, 0.0)
+
+    def test_loweredQuotaAppliesToNextMessage(self) -> None:
+        """A quota lowered in Userli rejects the very next message."""
+        self.userli.data.quotas["alice@example.org"] = (100, 1000)
+        self.assertEqual(self.eom("alice@example.org"), "DUNNO")
+        self.assertEqual(self.eom("alice@example.org"), "DUNNO")
+        self.userli.data.quotas["alice@example.org"] = (1, 1)
+        self.assertTrue(self.eom("alice@example.org").startswith("REJECT"))
+
+    def test_enforcedDuringOutage(self) -> None:
+        """Learned, then the quota endpoint fails: the last quota is still enforced."""
+        self.assertEqual(self.eom(), "DUNNO")
+        self.userli.set_mode(ERROR)
+        self.assertEqual(self.eom(), "DUNNO")
+        self.assertEqual(self.eom(), "DUNNO")
+        self.assertTrue(self.eom().startswith("REJECT"))
+        self.assertEqual(len(self.quota_calls()), 4)
+
+    def test_enforcedDuringTimeout(self) -> None:
+        """A hanging Userli: after the deadline, the last quota is enforced."""
+        for _ in range(3):
+            self.assertEqual(self.eom(), "DUNNO")
+        self.userli.set_mode(SLOW, delay=60)
+        d = self.policy.decide(
+            PolicyRequest(protocol_state="END-OF-MESSAGE", sasl_username="limited@example.org")
+        )
+        assert isinstance(d, defer.Deferred)
+        self.clock.advance(5)
+        self.assertTrue(self.successResultOf(d).startswith("REJECT"))
+
+    def test_enforcedWhileBreakerOpen(self) -> None:
+        """With the circuit breaker failing calls fast, the last quota is enforced at once."""
+        for _ in range(3):
+            self.assertEqual(self.eom(), "DUNNO")
+        self.userli.set_mode(SLOW, delay=60)
+        for _ in range(FAILURES_TO_OPEN):
+            d = self.client.domain("example.org")
+            self.clock.advance(5)
+            self.failureResultOf(d)
+        self.assertTrue(self.client.breaker.isOpen)
+        action = self.policy.decide(
+            PolicyRequest(protocol_state="END-OF-MESSAGE", sasl_username="limited@example.org")
+        )
+        self.assertTrue(_now(self, action).startswith("REJECT"))
+        action = self.policy.decide(
+            PolicyRequest(protocol_state="END-OF-MESSAGE", sasl_username="alice@example.org")
+        )
+        self.assertEqual(_now(self, action), "DUNNO")
+
+    def test_neverSeenIsDunno(self) -> None:
+        """A sender never learned is DUNNO during the outage (fail open)."""
+        self.userli.set_mode(ERROR)
+        for _ in range(5):
+            self.assertEqual(self.eom(), "DUNNO")
+
+    def test_forgottenAfterADay(self) -> None:
+        """A quota learned more than 24 h ago is not enforced any more."""
+        self.assertEqual(self.eom(), "DUNNO")
+        self.assertEqual(self.eom(), "DUNNO")
+        self.clock.advance(LAST_KNOWN_QUOTA_TTL)
+        self.userli.set_mode(ERROR)
+        self.limiter = MemoryRateLimiter(self.clock)
+        self.policy._limiter = self.limiter
+        for _ in range(4):
+            self.assertEqual(self.eom(), "DUNNO")
+
+    def test_newAnswerReplacesOld(self) -> None:
+        """What is enforced during an outage is the latest answer, a raised quota included."""
+        self.assertEqual(self.eom(), "DUNNO")
+        self.userli.data.quotas["limited@example.org"] = (100, 1000)
+        self.assertEqual(self.eom(), "DUNNO")
+        self.userli.set_mode(ERROR)
+        for _ in range(5):
+            self.assertEqual(self.eom(), "DUNNO")
+
+
+def _now(case: SynchronousTestCase, action: str | defer.Deferred[str]) -> str:
+    """The action, which must already be known (no call went out)."""
+    if isinstance(action, str):
+        return action
+    result: str = case.successResultOf(action)
+    return result
 
 
 class MakePolicyFactoryTests(PolicyTestCase):

@@ -9,11 +9,22 @@ from typing import Any
 
 import txredisapi
 from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.config import RedisTarget
-from userli_postfix.redis import COMMAND_TIMEOUT, RedisClient, RedisUnavailable
+from userli_postfix.redis import (
+    COMMAND_TIMEOUT,
+    INVALIDATE_CHANNEL,
+    TRACKING_PING,
+    TRACKING_RETRY,
+    RedisClient,
+    RedisUnavailable,
+    _endpoint,
+    _Tracker,
+    _TrackingFactory,
+)
 
 
 class FakePoolFactory:
@@ -211,3 +222,192 @@ class RedisClientTests(SynchronousTestCase):
         self.assertIn("mymaster", text)
         self.assertNotIn("hunter2", text)
         self.assertNotIn("sentinel-secret", text)
+
+
+class RecordingListener:
+    """An L{InvalidationListener} that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def trackingStarted(self) -> None:
+        self.events.append(("started", None))
+
+    def trackingLost(self, reason: str) -> None:
+        self.events.append(("lost", reason))
+
+    def invalidated(self, keys: list[str] | None) -> None:
+        self.events.append(("invalidated", keys))
+
+
+class FakeSubscriber:
+    """A subscriber connection whose replies the test gives."""
+
+    def __init__(self) -> None:
+        self.connected = 1
+        self.commands: list[tuple[Any, ...]] = []
+        self.answers: list[defer.Deferred[Any]] = []
+
+    def execute_command(self, *args: Any) -> defer.Deferred[Any]:
+        self.commands.append(args)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.answers.append(d)
+        return d
+
+    def subscribe(self, channel: str) -> defer.Deferred[Any]:
+        return self.execute_command("SUBSCRIBE", channel)
+
+
+class TrackerTests(SynchronousTestCase):
+    """L{_Tracker}: turning client tracking on over one subscriber connection."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.listener = RecordingListener()
+        self.tracker = _Tracker("userli:lookup:", self.listener, self.clock)
+        self.conn = FakeSubscriber()
+
+    def establish(self) -> None:
+        """Answer CLIENT ID, CLIENT TRACKING and SUBSCRIBE as Redis 6+ does."""
+        self.tracker.connectionReady(self.conn)
+        self.conn.answers[0].callback(7)
+        self.conn.answers[1].callback("OK")
+        self.conn.answers[2].callback(["subscribe", INVALIDATE_CHANNEL, 1])
+
+    def test_commands(self) -> None:
+        """Tracking is redirected to the connection itself, in broadcast mode on the prefix."""
+        self.establish()
+        self.assertEqual(
+            self.conn.commands,
+            [
+                ("CLIENT", "ID"),
+                ("CLIENT", "TRACKING", "on", "REDIRECT", "7", "BCAST", "PREFIX", "userli:lookup:"),
+                ("SUBSCRIBE", INVALIDATE_CHANNEL),
+            ],
+        )
+        self.assertEqual(self.listener.events, [("started", None)])
+
+    def test_ping(self) -> None:
+        """
+        While tracking, the connection is asked for a PING every second,
+        so a connection that died silently is noticed (txredisapi's reply
+        timeout closes it); none once it is gone.
+        """
+        self.establish()
+        self.clock.advance(TRACKING_PING)
+        self.assertEqual(self.conn.commands[-1], ("PING",))
+        self.conn.answers[-1].callback(["pong", ""])
+        self.clock.advance(TRACKING_PING)
+        self.assertEqual(len(self.conn.commands), 5)
+        self.conn.answers[-1].errback(txredisapi.TimeoutError("no reply"))
+        self.conn.connected = 0
+        self.tracker.connectionLost(self.conn)
+        self.clock.advance(TRACKING_PING * 3)
+        self.assertEqual(len(self.conn.commands), 5)
+
+    def test_not_started_before_subscribed(self) -> None:
+        """Until SUBSCRIBE is answered, nothing is said to be tracked."""
+        self.tracker.connectionReady(self.conn)
+        self.conn.answers[0].callback(7)
+        self.conn.answers[1].callback("OK")
+        self.assertEqual(self.listener.events, [])
+
+    def test_messages(self) -> None:
+        """Key lists are passed on as text; a null list (a flush) as None; other channels not."""
+        self.establish()
+        self.tracker.message(INVALIDATE_CHANNEL, ["userli:lookup:a:b", b"userli:lookup:c:d"])
+        self.tracker.message(INVALIDATE_CHANNEL, None)
+        self.tracker.message("other", ["x"])
+        self.assertEqual(
+            self.listener.events[1:],
+            [
+                ("invalidated", ["userli:lookup:a:b", "userli:lookup:c:d"]),
+                ("invalidated", None),
+            ],
+        )
+
+    def test_lost(self) -> None:
+        """The loss of the connection is the loss of tracking; another connection's is not."""
+        self.establish()
+        self.tracker.connectionLost(FakeSubscriber())
+        self.assertEqual(len(self.listener.events), 1)
+        self.tracker.connectionLost(self.conn)
+        self.assertEqual(self.listener.events[-1][0], "lost")
+
+    def test_refused_retried(self) -> None:
+        """
+        A Redis that refuses (CLIENT renamed away, Redis 5) leaves tracking
+        lost and is asked again later on the same connection.
+        """
+        self.tracker.connectionReady(self.conn)
+        self.conn.answers[0].errback(txredisapi.ResponseError("ERR unknown command 'CLIENT'"))
+        self.assertEqual(self.listener.events[0][0], "lost")
+        self.assertIn("unknown command", self.listener.events[0][1])
+        self.clock.advance(TRACKING_RETRY)
+        self.assertEqual(self.conn.commands[-1], ("CLIENT", "ID"))
+        self.conn.answers[-1].callback(7)
+        self.conn.answers[-1].callback("OK")
+        self.conn.answers[-1].callback(["subscribe", INVALIDATE_CHANNEL, 1])
+        self.assertEqual(self.listener.events[-1], ("started", None))
+
+    def test_refusal_after_close_ignored(self) -> None:
+        """A refusal arriving for a connection already closed is not retried."""
+        self.tracker.connectionReady(self.conn)
+        self.conn.connected = 0
+        self.conn.answers[0].errback(txredisapi.ResponseError("ERR"))
+        self.assertEqual(self.listener.events, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class TrackingFactoryTests(SynchronousTestCase):
+    """
+    The txredisapi hooks the tracking connection relies on: if txredisapi
+    renames or stops calling them, these fail.
+    """
+
+    def test_hooks_exist(self) -> None:
+        """txredisapi's factory has the hooks, and its subscriber protocol the message one."""
+        self.assertTrue(callable(txredisapi.RedisFactory.addConnection))
+        self.assertTrue(callable(txredisapi.RedisFactory.delConnection))
+        self.assertTrue(callable(txredisapi.SubscriberProtocol.messageReceived))
+
+    def test_message_reaches_tracker(self) -> None:
+        """An invalidation message as txredisapi parses it reaches the listener."""
+        listener = RecordingListener()
+        tracker = _Tracker("userli:lookup:", listener, Clock())
+        factory = _TrackingFactory("x", 0, 1, isLazy=True, tracker=tracker)
+        protocol = factory.buildProtocol(None)
+        protocol.replyReceived(["message", INVALIDATE_CHANNEL, ["userli:lookup:a:b"]])
+        protocol.replyReceived(["message", INVALIDATE_CHANNEL, None])
+        self.assertEqual(
+            listener.events, [("invalidated", ["userli:lookup:a:b"]), ("invalidated", None)]
+        )
+
+    def test_pool_hooks(self) -> None:
+        """A connection joining the pool starts tracking; one leaving ends it."""
+        listener = RecordingListener()
+        tracker = _Tracker("userli:lookup:", listener, Clock())
+        factory = _TrackingFactory("x", 0, 1, isLazy=True, tracker=tracker)
+        conn = FakeSubscriber()
+        conn.whenDisconnected = lambda: defer.Deferred()  # type: ignore[attr-defined]
+        factory.addConnection(conn)
+        self.assertEqual(conn.commands, [("CLIENT", "ID")])
+        factory.delConnection(conn)
+        self.assertEqual(listener.events[-1][0], "lost")
+
+
+class EndpointTests(SynchronousTestCase):
+    """L{_endpoint}: Redis endpoints from Twisted's public API."""
+
+    def test_tcp(self) -> None:
+        """A host and port is a HostnameEndpoint (IPv4 and IPv6)."""
+        self.assertIsInstance(_endpoint(RedisTarget(host="redis", port=6379)), HostnameEndpoint)
+
+    def test_unix(self) -> None:
+        """A path is a UNIX endpoint."""
+        self.assertIsInstance(_endpoint(RedisTarget(path="/run/redis.sock")), UNIXClientEndpoint)
+
+    def test_tls(self) -> None:
+        """rediss:// wraps the TCP endpoint in TLS, checking the host name."""
+        endpoint = _endpoint(RedisTarget(host="redis", port=6380, tls=True))
+        self.assertNotIsInstance(endpoint, HostnameEndpoint)

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from userli_postfix import __version__, daemon, tap
-from userli_postfix.cache import MemoryCache
+from userli_postfix.cache import MemoryCache, NearCache
 from userli_postfix.config import SETTINGS, Config
 from userli_postfix.socketmap import SocketmapFactory, netstring
 
@@ -226,6 +226,19 @@ class MakeServiceTests(SynchronousTestCase):
         lookups = service.getServiceNamed("socketmap").factory.lookups
         self.assertNotIsInstance(lookups._cache, MemoryCache)
         self.assertIsNotNone(lookups._cache)
+
+    def test_redis_near_cache_tracked(self) -> None:
+        """
+        With Redis the near-cache listens to Redis's client tracking of the
+        lookup cache's keys, and keeps no copy before tracking is established.
+        """
+        service, _ = self.build(REDIS_URL="redis://redis:6379/0")
+        cache = service.getServiceNamed("socketmap").factory.lookups._cache
+        self.assertIsInstance(cache, NearCache)
+        self.assertFalse(cache.coherent)
+        tracker = service._redis._tracker
+        self.assertIs(tracker.listener, cache)
+        self.assertEqual(tracker.prefix, "userli:lookup:")
 
     def test_stop_drains(self) -> None:
         """

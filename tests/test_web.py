@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IResponse
 from twisted.web.wsgi import WSGIResource
 
+from userli_postfix.breaker import FAILURES_TO_OPEN, CircuitBreaker
 from userli_postfix.metrics import Metrics
 from userli_postfix.userli import UserliClient, UserliError
 from userli_postfix.web import READY_PROBE, Web, makeSite
@@ -44,6 +45,9 @@ METRICS = {
     "userli_postfix_adapter_sasl_auth_total": "counter",
     "userli_postfix_adapter_sasl_auth_duration_seconds": "histogram",
     "userli_postfix_adapter_sasl_connection_pool_full_total": "counter",
+    "userli_postfix_adapter_near_cache_coherent": "gauge",
+    "userli_postfix_adapter_circuit_breaker_open": "gauge",
+    "userli_postfix_adapter_circuit_breaker_opened_total": "counter",
 }
 
 
@@ -53,6 +57,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.calls: list[tuple[str, float | None]] = []
         self.pending: list[defer.Deferred[bool]] = []
+        self.breaker = CircuitBreaker(Clock())
 
     def domain(self, name: str, timeout: float | None = None) -> defer.Deferred[bool]:
         self.calls.append((name, timeout))
@@ -143,7 +148,9 @@ class ReadyTests(WebTestCase):
             self.client.pending.pop().callback(answer)
             response = self.finish(d)
             self.assertEqual(response.code, 200)
-            self.assertEqual(json.loads(self.body(response)), {"status": "ready"})
+            self.assertEqual(
+                json.loads(self.body(response)), {"status": "ready", "circuit_breaker": "closed"}
+            )
             self.assertEqual(self.health_status(), 1.0)
         self.assertEqual(READY_PROBE, "health-check.invalid")
 
@@ -160,8 +167,33 @@ class ReadyTests(WebTestCase):
         response = self.finish(d)
         self.assertEqual(response.code, 503)
         self.assertEqual(
-            json.loads(self.body(response)), {"status": "unavailable", "error": "HTTP 500"}
+            json.loads(self.body(response)),
+            {"status": "unavailable", "error": "HTTP 500", "circuit_breaker": "closed"},
         )
+        self.assertEqual(self.health_status(), 0.0)
+
+    def test_breaker_open(self) -> None:
+        """
+        While the circuit breaker fails calls fast, C{/ready} answers 503 at
+        once and says the breaker is open.
+        """
+        clock = Clock()
+        client = UserliClient(
+            lambda *a, **k: defer.Deferred(), "http://userli", "t", clock, self.metrics
+        )
+        for _ in range(FAILURES_TO_OPEN):
+            d = client.domain("example.org")
+            clock.advance(5)
+            self.failureResultOf(d, UserliError)
+        self.assertTrue(client.breaker.isOpen)
+        http = StubTreq(Web(self.metrics, client).app.resource())
+        d = http.request("GET", "http://daemon.test/ready")
+        http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 503)
+        content = treq.json_content(response)
+        http.flush()
+        self.assertEqual(self.successResultOf(content)["circuit_breaker"], "open")
         self.assertEqual(self.health_status(), 0.0)
 
     def test_bounded(self) -> None:

@@ -15,9 +15,13 @@ from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from userli_postfix.metrics import Metrics
 from userli_postfix.redis import RedisClient, RedisUnavailable
+
+log = Logger()
 
 # Enough for every address of a large installation several times over, at
 # roughly 200 bytes an entry.
@@ -27,16 +31,14 @@ MEMORY_CACHE_ENTRIES = 100_000
 # domains, the big aliases, the busiest mailboxes): a few MB at most.
 NEAR_CACHE_ENTRIES = 5_000
 
-# How long an answer is served from the near-cache before Redis is asked
-# again.  Short, so that an operator who deletes a key in Redis (to drop a
-# removed alias at once) waits at most this long; long enough that a hot key
-# costs one Redis round trip every few seconds instead of one per lookup.
-NEAR_CACHE_TTL = 5.0
+# The prefix of every key of the lookup cache: what the near-cache asks
+# Redis to report changes of.
+CACHE_PREFIX = "userli:lookup:"
 
 
 def cache_key(mapname: str, key: str) -> str:
     """The Go program's Redis key for a cached answer."""
-    return f"userli:lookup:{mapname}:{key}"
+    return f"{CACHE_PREFIX}{mapname}:{key}"
 
 
 class LookupCache(Protocol):
@@ -83,6 +85,14 @@ class MemoryCache:
 
     def get(self, mapname: str, key: str) -> defer.Deferred[bytes | None]:
         return defer.succeed(self.peek(mapname, key))
+
+    def discard(self, mapname: str, key: str) -> None:
+        """Forget one answer."""
+        self._entries.pop((mapname, key), None)
+
+    def clear(self) -> None:
+        """Forget every answer."""
+        self._entries.clear()
 
     def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None:
         lifetime = self._ttl if ttl is None else min(ttl, self._ttl)
@@ -172,7 +182,12 @@ class RedisCache:
             return 0.0
 
         return self._redis.execute(
-            "EVAL", LIFETIME_SCRIPT, 1, cache_key(mapname, key), reply.decode("utf-8")
+            # The bytes as read: a value that is not UTF-8 is compared as is.
+            "EVAL",
+            LIFETIME_SCRIPT,
+            1,
+            cache_key(mapname, key),
+            reply,
         ).addCallbacks(remaining, lambda failure: 0.0)
 
     def _expiry(self) -> tuple[str, int]:
@@ -206,16 +221,25 @@ class RedisCache:
 class NearCache:
     """
     A small in-process cache of OK answers in front of L{RedisCache}, so a
-    hot key costs no Redis round trip.
+    hot key costs no Redis command at all, kept coherent with Redis by
+    Redis itself (client tracking, see L{userli_postfix.redis}).
 
-    Its entries never outlive the Redis entry they copy: an answer written
-    by this process is kept for M{min(near_ttl, ttl)} from the moment it is
-    stored, before it is sent to Redis (which keeps it for C{ttl} from a
-    moment later); an answer read from Redis is kept for at most what
-    C{PTTL} said was left, counted from before the question was sent, and
-    only while Redis still holds that same value (one atomic script).  So an
-    answer served from here is always one Redis would still serve, and Redis
-    stays the one shared cache of every process and of the Go program.
+    Copies exist only while tracking is established: Redis then reports
+    every change to a C{userli:lookup:} key (C{DEL}, C{SET}, C{EXPIRE},
+    expiry, eviction, a flush) by anyone, and the copy is dropped within
+    milliseconds.  Until then, and from the moment tracking may have
+    lapsed (the subscriber connection closed, Redis refused tracking), no
+    copy is kept or served: every lookup reads Redis.  So an answer served
+    from here is always one Redis would serve, and Redis stays the one
+    shared cache of every process and of the Go program.
+
+    A value read from Redis is copied only when nothing could have changed
+    it unheard since the read was sent: no invalidation of that key, no
+    flush and no loss of tracking in between (invalidations arrive on
+    another connection than the reply, in either order).  A copy never
+    outlives the Redis entry either: it is kept for at most what C{PTTL}
+    said was left, counted from before the question was sent, and only
+    while Redis still holds that same value (one atomic script).
 
     What goes to Redis is batched: the reads of one reactor turn are one
     C{MGET}, its writes one script call, so a burst of cache misses costs a
@@ -227,18 +251,96 @@ class NearCache:
         backend: RedisCache,
         clock: IReactorTime,
         ttl: float,
-        near_ttl: float = NEAR_CACHE_TTL,
         max_entries: int = NEAR_CACHE_ENTRIES,
+        metrics: Metrics | None = None,
     ) -> None:
         self._backend = backend
         self._clock = clock
-        self._near = MemoryCache(clock, min(near_ttl, ttl), max_entries)
+        self._near = MemoryCache(clock, ttl, max_entries)
         self._reads: list[tuple[str, str, defer.Deferred[bytes | None]]] = []
         self._writes: dict[tuple[str, str], bytes] = {}
         self._flushCall: IDelayedCall | None = None
+        self._gauge = metrics.near_cache_coherent if metrics is not None else None
+        self._coherent = False
+        # Every event that can make a read stale gets the next number: a
+        # read sent at number n may be copied only if no event about its
+        # key (nor a global one) is numbered above n.
+        self._seq = 0
+        self._lastGlobal = 0
+        # Keys with reads in flight (how many), and the last invalidation
+        # of each while in flight: bounded by the reads in flight.
+        self._inflight: dict[str, int] = {}
+        self._invalidatedAt: dict[str, int] = {}
+        if self._gauge is not None:
+            self._gauge.set(0)
 
     def __len__(self) -> int:
         return len(self._near)
+
+    @property
+    def coherent(self) -> bool:
+        """Whether Redis reports every change, so that copies may be kept."""
+        return self._coherent
+
+    # InvalidationListener
+
+    def trackingStarted(self) -> None:
+        """Redis reports every change from now on: copies may be kept again."""
+        self._dropAll()
+        if not self._coherent:
+            self._coherent = True
+            if self._gauge is not None:
+                self._gauge.set(1)
+            log.info("Near-cache on: Redis reports every change to a cached answer")
+
+    def trackingLost(self, reason: str) -> None:
+        """Changes may go unheard: drop every copy and read Redis until tracking is back."""
+        self._dropAll()
+        if self._coherent:
+            self._coherent = False
+            if self._gauge is not None:
+                self._gauge.set(0)
+            log.warn(
+                "Near-cache off until Redis reports changes again ({reason}); "
+                "every lookup reads Redis",
+                reason=reason,
+            )
+
+    def invalidated(self, keys: list[str] | None) -> None:
+        """Redis says these keys (C{None}: all of them) changed."""
+        if keys is None:
+            self._dropAll()
+            return
+        for name in keys:
+            self._seq += 1
+            if name in self._inflight:
+                self._invalidatedAt[name] = self._seq
+            mapname, key = _split_cache_key(name)
+            if mapname is not None:
+                self._near.discard(mapname, key)
+
+    def _dropAll(self) -> None:
+        self._seq += 1
+        self._lastGlobal = self._seq
+        self._near.clear()
+
+    def _mayCopy(self, name: str, sent: int) -> bool:
+        return (
+            self._coherent and self._lastGlobal <= sent and self._invalidatedAt.get(name, 0) <= sent
+        )
+
+    def _begin(self, name: str) -> None:
+        self._inflight[name] = self._inflight.get(name, 0) + 1
+
+    def _end(self, name: str) -> None:
+        left = self._inflight[name] - 1
+        if left:
+            self._inflight[name] = left
+        else:
+            del self._inflight[name]
+            self._invalidatedAt.pop(name, None)
+
+    # LookupCache
 
     def peek(self, mapname: str, key: str) -> bytes | None:
         return self._near.peek(mapname, key)
@@ -253,7 +355,10 @@ class NearCache:
         return waiter
 
     def set(self, mapname: str, key: str, reply: bytes) -> None:
-        self._near.set(mapname, key, reply)
+        if self._coherent:
+            # What Redis will hold a moment later; a change by anyone
+            # after that is reported and drops it.
+            self._near.set(mapname, key, reply)
         self._writes[mapname, key] = reply
         self._schedule()
 
@@ -271,23 +376,39 @@ class NearCache:
         if not reads:
             return
         asked = self._clock.seconds()
+        sent = self._seq
+        names = [cache_key(m, k) for m, k, _ in reads]
+        for name in names:
+            self._begin(name)
 
         def answer(replies: list[bytes | None]) -> None:
-            for (mapname, key, waiter), reply in zip(reads, replies, strict=True):
-                if reply is not None:
-                    self._copy(mapname, key, reply, asked)
+            if len(replies) != len(reads):
+                fail(Failure(RedisUnavailable(f"{len(replies)} replies to {len(reads)} keys")))
+                return
+            # Every waiter fires, whatever one reply holds.
+            for (mapname, key, waiter), name, reply in zip(reads, names, replies, strict=True):
+                if reply is not None and self._mayCopy(name, sent):
+                    self._copy(mapname, key, name, reply, asked, sent)
+                else:
+                    self._end(name)
                 waiter.callback(reply)
 
         def fail(failure: Failure) -> None:
+            for name in names:
+                self._end(name)
             for _, _, waiter in reads:
                 waiter.errback(failure)
 
         self._backend.getMany([(m, k) for m, k, _ in reads]).addCallbacks(answer, fail)
 
-    def _copy(self, mapname: str, key: str, reply: bytes, asked: float) -> None:
+    def _copy(
+        self, mapname: str, key: str, name: str, reply: bytes, asked: float, sent: int
+    ) -> None:
         """Keep an answer read from Redis for no longer than Redis keeps it."""
 
         def keep(remaining: float | None) -> None:
+            if not self._mayCopy(name, sent):
+                return
             if remaining is None:
                 lifetime = float("inf")
             else:
@@ -296,7 +417,19 @@ class NearCache:
                 # later than the original.
                 lifetime = remaining - (self._clock.seconds() - asked)
             if lifetime > 0:
-                # MemoryCache caps this at min(near_ttl, ttl) from now.
+                # MemoryCache caps this at the lookup TTL from now.
                 self._near.set(mapname, key, reply, ttl=lifetime)
 
-        self._backend.lifetime(mapname, key, reply).addCallback(keep)
+        d = defer.maybeDeferred(self._backend.lifetime, mapname, key, reply)
+        d.addCallback(keep)
+        d.addBoth(lambda _: self._end(name))
+
+
+def _split_cache_key(name: str) -> tuple[str | None, str]:
+    """(map, key) of a Redis key of ours; C{(None, "")} for any other."""
+    if not name.startswith(CACHE_PREFIX):
+        return None, ""
+    mapname, colon, key = name[len(CACHE_PREFIX) :].partition(":")
+    if not colon:
+        return None, ""
+    return mapname, key

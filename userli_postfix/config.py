@@ -379,8 +379,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "QUOTA_CACHE_TTL",
         "quota-cache-ttl",
-        "30s",
-        "how long a sender's quota from the API is reused (0: ask every time)",
+        "0",
+        "how long a sender's quota from the API is reused (0: ask for every message)",
     ),
     Setting(
         "SASL_FAILURE_DELAY",
@@ -460,7 +460,7 @@ class Config:
     rate_limit_message: str = "Rate limit exceeded, please try again later"
     redis: RedisTarget | None = None
     lookup_cache_ttl: float = 300.0
-    quota_cache_ttl: float = 30.0
+    quota_cache_ttl: float = 0.0
     sasl_failure_delay: float = 2.0
     log_level: str = "info"
     log_format: str = "text"

@@ -23,7 +23,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from userli_postfix import workers
-from userli_postfix.cache import LookupCache, MemoryCache, NearCache, RedisCache
+from userli_postfix.cache import CACHE_PREFIX, LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import Config
 from userli_postfix.httpclient import KeepAlivePool, ReusedEndpoints, keepAliveRequester
 from userli_postfix.listeners import LimitedFactory
@@ -203,9 +203,15 @@ def build(config: Config, reactor: Any, given: Mapping[str, str | None]) -> Daem
     if config.lookup_cache_ttl <= 0:
         cache = None
     elif redis is not None:
-        cache = NearCache(
-            RedisCache(redis, config.lookup_cache_ttl), reactor, config.lookup_cache_ttl
+        near = NearCache(
+            RedisCache(redis, config.lookup_cache_ttl),
+            reactor,
+            config.lookup_cache_ttl,
+            metrics=metrics,
         )
+        # Redis tells the near-cache of every change to a cached answer.
+        redis.track(CACHE_PREFIX, near)
+        cache = near
     else:
         cache = MemoryCache(reactor, config.lookup_cache_ttl)
     if redis is None:

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from userli_postfix.addresses import normalise_address, normalise_domain
 from userli_postfix.cache import LookupCache
 from userli_postfix.metrics import Metrics
-from userli_postfix.userli import UserliClient
+from userli_postfix.userli import CircuitOpen, UserliClient
 
 log = Logger()
 
@@ -156,7 +156,10 @@ class Lookups:
         return waiter.addCallback(finish)
 
     def _temporary(self, failure: Failure, mapname: str) -> bytes:
-        log.warn("Userli {map} lookup failed: {error}", map=mapname, error=failure.value)
+        # While the circuit breaker is open, it has said so once; a line per
+        # lookup answered at once would flood the log.
+        if not failure.check(CircuitOpen):
+            log.warn("Userli {map} lookup failed: {error}", map=mapname, error=failure.value)
         return b"TEMP Userli API unavailable"
 
     def _release(self, reply: bytes, item: tuple[str, str]) -> None:

@@ -84,6 +84,15 @@ class Metrics:
             registry=r,
         )
 
+        self.near_cache_coherent = Gauge(
+            f"{PREFIX}_near_cache_coherent",
+            "1 while Redis reports every change to the lookup cache, so the "
+            "near-cache in this process may keep copies; 0 while every lookup reads Redis.",
+            registry=r,
+            # With worker processes: 1 only when every one is.
+            multiprocess_mode="livemin",
+        )
+
         # Userli API client
         self.http_client_duration = Histogram(
             f"{PREFIX}_http_client_duration_seconds",
@@ -104,6 +113,18 @@ class Metrics:
             registry=r,
             # Only the process serving /ready sets it.
             multiprocess_mode="livemax",
+        )
+
+        self.circuit_breaker_open = Gauge(
+            f"{PREFIX}_circuit_breaker_open",
+            "1 while calls to the Userli API fail fast after repeated timeouts, else 0.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.circuit_breaker_opened = Counter(
+            f"{PREFIX}_circuit_breaker_opened",
+            "How often calls to the Userli API started failing fast.",
+            registry=r,
         )
 
         # policy

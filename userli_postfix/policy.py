@@ -28,7 +28,7 @@ from userli_postfix.config import Config
 from userli_postfix.listeners import MAX_CONNECTIONS, LimitedFactory, ServingMixin
 from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import RateLimiter, Verdict
-from userli_postfix.userli import Quota, UserliClient
+from userli_postfix.userli import CircuitOpen, Quota, UserliClient
 
 log = Logger()
 
@@ -42,8 +42,13 @@ MAX_ATTRIBUTES = 256
 # its feet.
 IDLE_TIMEOUT = 330.0
 
-# Enough for every sender of a large installation within QUOTA_CACHE_TTL.
+# Enough for every sender of a large installation within a day.
 QUOTA_CACHE_ENTRIES = 100_000
+
+# How long the last quota learned for a sender is enforced while Userli
+# cannot answer: long enough to ride out any outage worth the name, short
+# enough that a quota nobody asked about for a day is not a surprise.
+LAST_KNOWN_QUOTA_TTL = 24 * 3600.0
 
 END_OF_MESSAGE = "END-OF-MESSAGE"
 DUNNO = "DUNNO"
@@ -104,11 +109,15 @@ def one_line(text: str) -> str:
 
 class QuotaSource:
     """
-    Sending quotas from the Userli API, kept for C{ttl} seconds so that a
-    burst from one sender costs one API call, and asked once at a time per
-    identity however many messages wait for the answer.
+    Sending quotas from the Userli API, asked once at a time per identity
+    however many messages wait for the answer.
 
-    Failures are never kept: the next message asks again.
+    With C{ttl} 0 (the default, as the Go program) every message asks, so
+    a quota lowered in Userli applies to the next message; a positive
+    C{ttl} reuses an answer that long.  Either way the last quota learned
+    for each identity is kept for L{LAST_KNOWN_QUOTA_TTL} (bounded), for
+    L{lastKnown} to enforce while Userli cannot answer.  Failures are never
+    kept: the next message asks again.
     """
 
     def __init__(
@@ -117,12 +126,15 @@ class QuotaSource:
         clock: IReactorTime,
         ttl: float,
         max_entries: int = QUOTA_CACHE_ENTRIES,
+        keep: float = LAST_KNOWN_QUOTA_TTL,
     ) -> None:
         self._client = client
         self._clock = clock
         self._ttl = ttl
+        self._keep = max(keep, ttl)
         self._max = max_entries
-        # Oldest first; with one TTL for all, insertion order is expiry order.
+        # identity -> (when learned, quota); oldest first, so insertion
+        # order is expiry order.
         self._entries: OrderedDict[str, tuple[float, Quota]] = OrderedDict()
         self._inflight: dict[str, list[defer.Deferred[Quota]]] = {}
 
@@ -130,9 +142,18 @@ class QuotaSource:
         return len(self._entries)
 
     def peek(self, identity: str) -> Quota | None:
-        """The kept quota of C{identity}, or C{None} when there is none (fresh)."""
+        """The kept quota of C{identity} while fresh (within C{ttl}), else C{None}."""
+        if self._ttl <= 0:
+            return None
         entry = self._entries.get(identity)
-        if entry is None or entry[0] <= self._clock.seconds():
+        if entry is None or entry[0] + self._ttl <= self._clock.seconds():
+            return None
+        return entry[1]
+
+    def lastKnown(self, identity: str) -> Quota | None:
+        """The last quota learned for C{identity} within the keeping time, else C{None}."""
+        entry = self._entries.get(identity)
+        if entry is None or entry[0] + self._keep <= self._clock.seconds():
             return None
         return entry[1]
 
@@ -159,20 +180,18 @@ class QuotaSource:
                 waiter.errback(result)
             return
         quota = NO_QUOTA if result is None else result
-        self._keep(identity, quota)
+        self._learn(identity, quota)
         for waiter in waiters:
             waiter.callback(quota)
 
-    def _keep(self, identity: str, quota: Quota) -> None:
-        if self._ttl <= 0:
-            return
+    def _learn(self, identity: str, quota: Quota) -> None:
         now = self._clock.seconds()
         entries = self._entries
         entries.pop(identity, None)
-        entries[identity] = (now + self._ttl, quota)
+        entries[identity] = (now, quota)
         while entries:
-            expires, _ = next(iter(entries.values()))
-            if expires > now and len(entries) <= self._max:
+            learned, _ = next(iter(entries.values()))
+            if learned + self._keep > now and len(entries) <= self._max:
                 break
             entries.popitem(last=False)
 
@@ -195,7 +214,7 @@ class QuotaPolicy:
         metrics: Metrics,
         delimiter: str = "",
         message: str = DEFAULT_REJECT_TEXT,
-        cache_ttl: float = 30.0,
+        cache_ttl: float = 0.0,
     ) -> None:
         self._quotas = QuotaSource(client, clock, cache_ttl)
         self._limiter = limiter
@@ -284,12 +303,26 @@ class QuotaPolicy:
         )
         return self._done("check", "reject", started, self._reject)
 
-    def _noQuota(self, failure: Failure, identity: str, started: float) -> str:
-        log.warn(
-            "Quota of {identity} unavailable, message allowed: {error}",
-            identity=identity,
-            error=failure.value,
-        )
+    def _noQuota(
+        self, failure: Failure, identity: str, started: float
+    ) -> str | defer.Deferred[str]:
+        known = self._quotas.lastKnown(identity)
+        if known is not None:
+            # Userli cannot answer: the quota it last gave still holds,
+            # so an outage is no window for a spam run.
+            if not failure.check(CircuitOpen):
+                log.warn(
+                    "Quota of {identity} unavailable, enforcing the last one learned: {error}",
+                    identity=identity,
+                    error=failure.value,
+                )
+            return self._limit(known, identity, started)
+        if not failure.check(CircuitOpen):
+            log.warn(
+                "Quota of {identity} unavailable, message allowed: {error}",
+                identity=identity,
+                error=failure.value,
+            )
         return self._done("check", "error", started, DUNNO)
 
     def _noWindow(self, failure: Failure, started: float) -> str:

@@ -12,11 +12,12 @@ itself when Redis is back.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import txredisapi
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +38,22 @@ POOL_SIZE = 4
 # second costs them nothing.
 SENTINEL_DISCOVERY_TIMEOUT = 1.0
 SENTINEL_RETRY_MAX_DELAY = 1.0
+
+# Where Redis publishes the keys a tracking client must forget (RESP2).
+INVALIDATE_CHANNEL = "__redis__:invalidate"
+
+# How often a tracking connection on which Redis refused tracking (Redis
+# older than 6, CLIENT renamed away) asks again: an upgrade or a changed
+# configuration is then noticed without a restart, at the cost of three
+# tiny commands.
+TRACKING_RETRY = 30.0
+
+# How often the subscriber connection is asked for a PING.  Nothing else is
+# ever sent on it, so without this a connection that died silently (a
+# network partition) would go unnoticed, and with it the invalidations it
+# no longer receives; txredisapi's reply timeout closes a connection whose
+# PING is not answered, which ends tracking here.
+TRACKING_PING = 1.0
 
 
 class RedisUnavailable(Exception):
@@ -101,6 +118,178 @@ class _MasterFactory(_KeepTrying, txredisapi.SentinelConnectionFactory):
         return min(float(super().retryDelay(attempt)), SENTINEL_RETRY_MAX_DELAY)
 
 
+class InvalidationListener(Protocol):
+    """
+    Who learns what Redis's client tracking says: L{trackingStarted} once
+    the subscriber connection is tracking (every change from then on is
+    reported), L{trackingLost} whenever that may no longer hold, and
+    L{invalidated} with the changed keys (C{None}: everything, after a
+    flush).
+    """
+
+    def trackingStarted(self) -> None: ...
+
+    def trackingLost(self, reason: str) -> None: ...
+
+    def invalidated(self, keys: list[str] | None) -> None: ...
+
+
+class _TrackingProtocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """A subscriber connection that hands invalidation messages to its factory."""
+
+    factory: Any
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.tracker.message(channel, message)
+
+
+class _SentinelTrackingProtocol(_TrackingProtocol, txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+    """The same, on the master a Sentinel names (its role checked first)."""
+
+
+class _Tracker:
+    """
+    Turns client tracking on over one subscriber connection:
+    C{CLIENT ID}, C{CLIENT TRACKING on REDIRECT <that id> BCAST PREFIX
+    <prefix>}, C{SUBSCRIBE __redis__:invalidate}, all on the same
+    connection, so its loss is also the end of the tracking it asked for.
+    """
+
+    def __init__(self, prefix: str, listener: InvalidationListener, clock: IReactorTime) -> None:
+        self.prefix = prefix
+        self.listener = listener
+        self.clock = clock
+        self._current: Any = None
+        self._refused: str | None = None
+
+    def connectionReady(self, connection: Any) -> None:
+        """A new subscriber connection is up (AUTH and SELECT done)."""
+        self._current = connection
+
+        def track(clientId: object) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = connection.execute_command(
+                "CLIENT",
+                "TRACKING",
+                "on",
+                "REDIRECT",
+                str(clientId),
+                "BCAST",
+                "PREFIX",
+                self.prefix,
+            )
+            return d
+
+        def subscribe(_: object) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = connection.subscribe(INVALIDATE_CHANNEL)
+            return d
+
+        def started(_: object) -> None:
+            if self._current is not connection or not connection.connected:
+                return
+            self._refused = None
+            self.listener.trackingStarted()
+            self.clock.callLater(TRACKING_PING, self._ping, connection)
+
+        def refused(failure: Failure) -> None:
+            if self._current is not connection or not connection.connected:
+                return
+            reason = f"{type(failure.value).__name__}: {failure.value}"
+            if reason != self._refused:
+                self._refused = reason
+                log.warn(
+                    "Redis refused client tracking ({reason}); the near-cache stays off "
+                    "and every lookup reads Redis (asking again every {retry:g} s)",
+                    reason=reason,
+                    retry=TRACKING_RETRY,
+                )
+            self.listener.trackingLost(reason)
+            self.clock.callLater(TRACKING_RETRY, self._retry, connection)
+
+        d = connection.execute_command("CLIENT", "ID")
+        d.addCallback(track).addCallback(subscribe).addCallbacks(started, refused)
+
+    def _retry(self, connection: Any) -> None:
+        if self._current is connection and connection.connected:
+            self.connectionReady(connection)
+
+    def _ping(self, connection: Any) -> None:
+        if self._current is not connection or not connection.connected:
+            return
+
+        def again(result: object) -> None:
+            # A failed PING has closed the connection (its loss is reported
+            # through connectionLost); the next one is for a live one.
+            self.clock.callLater(TRACKING_PING, self._ping, connection)
+
+        connection.execute_command("PING").addBoth(again)
+
+    def connectionLost(self, connection: Any) -> None:
+        """A subscriber connection closed: what it tracked is no longer reported."""
+        if connection is self._current:
+            self._current = None
+            self.listener.trackingLost("the subscriber connection to Redis closed")
+
+    def message(self, channel: object, keys: object) -> None:
+        """An invalidation message: a list of keys, or nothing for a flush."""
+        if channel not in (INVALIDATE_CHANNEL, INVALIDATE_CHANNEL.encode("ascii")):
+            return
+        if isinstance(keys, list):
+            names = [k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in keys]
+            self.listener.invalidated(names)
+        else:
+            self.listener.invalidated(None)
+
+
+class _TrackingMixin:
+    """
+    A pool of one subscriber connection whose new connections turn tracking
+    on and whose lost ones say so.  C{addConnection} and C{delConnection}
+    are txredisapi's public hooks for a connection joining and leaving.
+    """
+
+    def __init__(self, *args: Any, tracker: _Tracker, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tracker = tracker
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)  # type: ignore[misc]
+        if conn in self.pool:  # type: ignore[attr-defined]
+            self.tracker.connectionReady(conn)
+
+    def delConnection(self, conn: Any) -> None:
+        super().delConnection(conn)  # type: ignore[misc]
+        self.tracker.connectionLost(conn)
+
+
+class _TrackingFactory(_TrackingMixin, _Factory):
+    protocol = _TrackingProtocol
+
+
+class _TrackingMasterFactory(_TrackingMixin, _MasterFactory):
+    protocol = _SentinelTrackingProtocol
+
+
+def _endpoint(target: RedisTarget) -> Any:
+    """
+    The client endpoint of a Redis server given by address or path.
+
+    txredisapi works on the global reactor whatever clock we have, so this
+    does too.  rediss:// checks the server's certificate and host name
+    against the system's trust store, as go-redis does.
+    """
+    from twisted.internet import reactor
+
+    if target.path is not None:
+        return UNIXClientEndpoint(reactor, target.path, timeout=CONNECT_TIMEOUT)
+    endpoint: Any = HostnameEndpoint(reactor, target.host, target.port, timeout=CONNECT_TIMEOUT)
+    if target.tls:
+        # Only a rediss:// configuration loads TLS (see notls).
+        from twisted.internet.ssl import optionsForClientTLS
+
+        endpoint = wrapClientTLS(optionsForClientTLS(target.host), endpoint)
+    return endpoint
+
+
 class RedisClient:
     """
     The daemon's Redis connection pool.
@@ -120,6 +309,8 @@ class RedisClient:
         self.commandTimeout = commandTimeout
         self._connection = connection
         self._sentinel: Any = None
+        self._tracker: _Tracker | None = None
+        self._tracking: Any = None
 
     def __repr__(self) -> str:
         t = self.target
@@ -131,6 +322,14 @@ class RedisClient:
             where = t.path or f"{t.host}:{t.port}"
         return f"<RedisClient {where} db={self.target.db}>"
 
+    def track(self, prefix: str, listener: InvalidationListener) -> None:
+        """
+        Before L{start}: also keep one subscriber connection that has Redis
+        report every change to a key starting with C{prefix} to
+        C{listener} (server-assisted client-side caching, Redis 6 or later).
+        """
+        self._tracker = _Tracker(prefix, listener, self.clock)
+
     def start(self) -> None:
         """Start connecting (in the background; commands fail fast until connected)."""
         if self._connection is not None:
@@ -139,6 +338,7 @@ class RedisClient:
         # Lets txredisapi drop a connection that stopped answering, so the
         # reconnect logic replaces it.
         reply_timeout = max(2.0, self.commandTimeout * 4)
+        tracker = self._tracker
         if t.sentinels:
             self._sentinel = txredisapi.Sentinel(
                 list(t.sentinels),
@@ -156,30 +356,25 @@ class RedisClient:
                 username=t.username,
                 replyTimeout=reply_timeout,
             )
+            if tracker is not None:
+                self._tracking = self._sentinel.master_for(
+                    t.master_name,
+                    factory_class=partial(_TrackingMasterFactory, tracker=tracker),
+                    dbid=t.db,
+                    poolsize=1,
+                    password=t.password,
+                    username=t.username,
+                    replyTimeout=reply_timeout,
+                )
         else:
             # txredisapi's lazyConnectionPool and lazyUnixConnectionPool, with
             # the factory that keeps trying.
+            handler: Any = txredisapi.ConnectionHandler
+            uuid = f"{t.host}:{t.port}"
             if t.path is not None:
-                # txredisapi works on the global reactor whatever clock we have.
-                from twisted.internet import reactor
-
                 uuid, handler = t.path, txredisapi.UnixConnectionHandler
-                endpoint = UNIXClientEndpoint(reactor, t.path, timeout=CONNECT_TIMEOUT)
-            else:
-                uuid, handler = f"{t.host}:{t.port}", txredisapi.ConnectionHandler
-                # rediss:// checks the server's certificate and host name
-                # against the system's trust store, as go-redis does.
-                tls = None
-                if t.tls:
-                    # Only a rediss:// configuration loads TLS (see notls).
-                    from twisted.internet.ssl import optionsForClientTLS
-
-                    tls = optionsForClientTLS(t.host)
-                endpoint = txredisapi._makeEndpoint(t.host, t.port, CONNECT_TIMEOUT, tls)
-            factory = _Factory(
-                uuid,
-                t.db,
-                POOL_SIZE,
+            endpoint = _endpoint(t)
+            options = dict(
                 isLazy=True,
                 handler=handler,
                 password=t.password,
@@ -187,8 +382,13 @@ class RedisClient:
                 convertNumbers=True,
                 username=t.username,
             )
+            factory = _Factory(uuid, t.db, POOL_SIZE, **options)
             factory.startConnecting(endpoint)
             self._connection = factory.handler
+            if tracker is not None:
+                tracking = _TrackingFactory(uuid, t.db, 1, tracker=tracker, **options)
+                tracking.startConnecting(endpoint)
+                self._tracking = tracking.handler
         log.info("Using Redis at {redis}", redis=self)
 
     @property
@@ -225,7 +425,10 @@ class RedisClient:
             return defer.succeed(None)
         connection, self._connection = self._connection, None
         sentinel, self._sentinel = self._sentinel, None
+        tracking, self._tracking = self._tracking, None
         closing = [defer.maybeDeferred(connection.disconnect)]
+        if tracking is not None:
+            closing.append(defer.maybeDeferred(tracking.disconnect))
         if sentinel is not None:
             closing.append(defer.maybeDeferred(sentinel.disconnect))
         d = defer.DeferredList(closing, consumeErrors=True)

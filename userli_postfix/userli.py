@@ -27,6 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from userli_postfix import __version__
+from userli_postfix.breaker import CircuitBreaker, unanswered
 from userli_postfix.config import API_TIMEOUT
 from userli_postfix.metrics import Metrics
 
@@ -41,6 +42,10 @@ MAX_BODY = 1024 * 1024
 
 class UserliError(Exception):
     """The API gave no usable answer (timeout, refused, bad status or body)."""
+
+
+class CircuitOpen(UserliError):
+    """Not asked: the API has stopped answering (see L{userli_postfix.breaker})."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,8 @@ class UserliClient:
         self._clock = clock
         self._metrics = metrics
         self._timeout = timeout
+        self.breaker = CircuitBreaker(clock, self._breakerChanged)
+        metrics.circuit_breaker_open.set(0)
         self._series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
         common = {
             b"Authorization": [b"Bearer " + token.encode("utf-8")],
@@ -173,6 +180,11 @@ class UserliClient:
     def __repr__(self) -> str:
         # The token must never reach a log line, even through a repr.
         return f"<UserliClient {self._prefix}>"
+
+    def _breakerChanged(self, isOpen: bool) -> None:
+        self._metrics.circuit_breaker_open.set(1 if isOpen else 0)
+        if isOpen:
+            self._metrics.circuit_breaker_opened.inc()
 
     def _url(self, endpoint: str, key: str | None = None) -> str:
         if key is None:
@@ -190,8 +202,11 @@ class UserliClient:
         body: bytes | None = None,
         timeout: float | None = None,
     ) -> defer.Deferred[T]:
+        attempt = self.breaker.admit()
+        if attempt is None:
+            return defer.fail(CircuitOpen("the API is not answering: not asked"))
         started = self._clock.seconds()
-        deadline = self._timeout if timeout is None else timeout
+        deadline = min(self._timeout if timeout is None else timeout, attempt.timeout)
         status_label = ["error"]
 
         def decode(answer: tuple[int, bytes]) -> T:
@@ -225,6 +240,7 @@ class UserliClient:
                 )
             series[0]()
             series[1](elapsed)
+            self.breaker.record(attempt, not (isinstance(result, Failure) and unanswered(result)))
             if isinstance(result, Failure):
                 if result.check(defer.TimeoutError, defer.CancelledError):
                     return Failure(UserliError(f"no answer within {deadline:g} s"))

@@ -3,7 +3,9 @@ The HTTP listener: ``/metrics``, ``/health`` and ``/ready``.
 
 ``/health`` says the process runs; ``/ready`` says it can reach Userli,
 with the same probe as the Go program (a domain lookup of
-``health-check.invalid``, bounded at 2 s).
+``health-check.invalid``, bounded at 2 s).  While the circuit breaker
+fails calls fast, that probe fails at once too (or is the breaker's own
+probe), and ``/ready`` says so in its ``circuit_breaker`` field.
 """
 
 from __future__ import annotations
@@ -78,13 +80,24 @@ class Web:
     def ready(self, request: IRequest) -> defer.Deferred[bytes]:
         d = self._client.domain(READY_PROBE, timeout=READY_TIMEOUT)
 
+        def breaker() -> str:
+            return "open" if self._client.breaker.isOpen else "closed"
+
         def ok(_: bool) -> bytes:
             self._metrics.health_check_status.set(1)
-            return _json(request, 200, {"status": "ready"})
+            return _json(request, 200, {"status": "ready", "circuit_breaker": breaker()})
 
         def unavailable(failure: Failure) -> bytes:
             self._metrics.health_check_status.set(0)
-            return _json(request, 503, {"status": "unavailable", "error": str(failure.value)})
+            return _json(
+                request,
+                503,
+                {
+                    "status": "unavailable",
+                    "error": str(failure.value),
+                    "circuit_breaker": breaker(),
+                },
+            )
 
         return d.addCallbacks(ok, unavailable)
 

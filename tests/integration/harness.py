@@ -110,17 +110,23 @@ class RedisServer:
     directory, a fixed port so that L{restart} brings it back where the
     daemon expects it (for outage tests), and a UNIX socket as well.
     C{arguments} are added to the command line (e.g. C{--replicaof HOST
-    PORT} for a replica).
+    PORT} for a replica); C{config} is a configuration file read first
+    (for what only a file can say, such as C{rename-command}).
     """
 
     def __init__(
-        self, directory: Path, port: int | None = None, arguments: Sequence[str] = ()
+        self,
+        directory: Path,
+        port: int | None = None,
+        arguments: Sequence[str] = (),
+        config: Path | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port if port is not None else free_port()
         self.unix_socket = self.directory / "redis.sock"
         self.arguments = list(arguments)
+        self.config = config
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,6 +152,7 @@ class RedisServer:
             subprocess.Popen(
                 [
                     "redis-server",
+                    *([str(self.config)] if self.config is not None else []),
                     "--port",
                     str(self.port),
                     "--bind",

@@ -16,7 +16,11 @@ while it was in flight:
  - every request gets a well-formed answer, SASL within 10 s (Postfix's
    deadline for an auth reply), socketmap and policy well within it too;
  - while the API fails a lookup is C{TEMP} (or a cached C{OK}), never
-   C{NOTFOUND}; a login is C{FAIL}; the policy service says C{DUNNO};
+   C{NOTFOUND}; a login is C{FAIL}; the policy service enforces the last
+   quota it learned (C{REJECT} for a sender over it);
+ - while the API hangs, the circuit breaker answers most lookups at once
+   (C{TEMP} well before the deadline), and for at most
+   L{BREAKER_RECOVERY} after the API is back;
  - while Redis is down or frozen the policy service says C{DUNNO}; once it
    is back the quota is enforced again (C{REJECT});
  - after the last fault everything is right again, in the same process;
@@ -81,6 +85,11 @@ MEMORY_BOUND = 16 * 1024 * 1024
 #: again: txredisapi's reconnection backoff grows to 10 s, plus up to about
 #: a third of that as jitter.
 REDIS_RECOVERY = 15.0
+
+#: How long after a Userli fault ends answers may still be those of the
+#: fault: the circuit breaker lets normal service resume within 2 s of
+#: Userli's return; the rest is room for a busy machine.
+BREAKER_RECOVERY = 3.0
 
 #: The fake Userli holds its answers back this long in slow mode: beyond
 #: the daemon's 5 s API deadline.
@@ -299,7 +308,8 @@ def judge(answer: Answer, userli: Timeline, redis: Timeline) -> str | None:
     """Why C{answer} is wrong for the states it was in flight in, or C{None}."""
     modes = userli.during(answer.started, answer.finished)
     api_ok = NORMAL in modes
-    api_failing = bool(modes - {NORMAL})
+    # The breaker may still fail calls fast a moment after a fault ends.
+    api_failing = bool(userli.during(answer.started - BREAKER_RECOVERY, answer.finished) - {NORMAL})
     stores = redis.during(answer.started, answer.finished)
     reply, kind = answer.reply, answer.kind
     allowed: set[str] = set()
@@ -318,9 +328,9 @@ def judge(answer: Answer, userli: Timeline, redis: Timeline) -> str | None:
         if kind in ("unlimited", "rcpt"):
             return None if reply == "DUNNO" else f"{reply!r} for {kind}"
         # OVER is over quota whenever its window can be read: REJECT with the
-        # windows in use, DUNNO (fail open) when Redis is down or the quota
-        # is unknown because the API fails.
-        if stores & {DOWN, RECONNECTING} or api_failing:
+        # windows in use (while the API fails, with the last quota learned),
+        # DUNNO (fail open) when Redis is down.
+        if stores & {DOWN, RECONNECTING}:
             allowed.add("DUNNO")
         if stores & {UP, RECONNECTING}:
             allowed.add(REJECT)
@@ -440,6 +450,18 @@ def test_outages(
     assert replies[("socketmap", "notfound", "TEMP")] > 0
     assert replies[("sasl", "good", "FAIL")] > 0
     assert replies[("policy", "over", "DUNNO")] > 0
+    # While the API hung, the breaker answered lookups at once instead of
+    # after the 5 s deadline.
+    hung = userli.states[SLOW][0]
+    fast_temp = [
+        a
+        for a in traffic.answers
+        if a.listener == "socketmap"
+        and a.reply.startswith("TEMP")
+        and hung.start + 5.5 < a.started < hung.end
+        and a.finished - a.started < 1.0
+    ]
+    assert fast_temp, "no fast TEMP while Userli hung: the circuit breaker did not open"
 
     memory_after = resident_memory(pid)
     assert memory_after - memory_before < MEMORY_BOUND, (memory_before, memory_after)
@@ -454,7 +476,7 @@ def test_outages(
         f"\nOutage test: {end - begin:.0f} s, faults injected {dict(faults)}; "
         f"answered {dict(per_listener)} ({len(traffic.answers)} in all); "
         f"worst answer (ms) { ({k: round(v * 1000) for k, v in worst.items()}) }; "
-        f"replies {dict(replies)}; "
+        f"replies {dict(replies)}; fast TEMP while Userli hung {len(fast_temp)}; "
         f"memory {memory_before / 2**20:.1f} MiB after warm-up, "
         f"{memory_after / 2**20:.1f} MiB after the run"
     )

@@ -197,7 +197,7 @@ class TestHealth:
         is back; the health gauge follows.
         """
         daemon = start_daemon()
-        assert ready(daemon) == (200, {"status": "ready"})
+        assert ready(daemon) == (200, {"status": "ready", "circuit_breaker": "closed"})
         assert [r.raw_path for r in fake_userli.requests()] == [
             "/api/postfix/domain/health-check.invalid"
         ]
@@ -211,7 +211,7 @@ class TestHealth:
         assert value(scrape(daemon), PREFIX + "health_check_status") == 0
 
         fake_userli.set_mode(NORMAL)
-        assert ready(daemon) == (200, {"status": "ready"})
+        assert ready(daemon) == (200, {"status": "ready", "circuit_breaker": "closed"})
         assert value(scrape(daemon), PREFIX + "health_check_status") == 1
 
     def test_ready_bounded(self, start_daemon: StartDaemon, fake_userli: FakeUserliServer) -> None:

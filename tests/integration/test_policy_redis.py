@@ -403,12 +403,16 @@ def wait_for_daemons(redis: RedisServer, daemons: int) -> None:
     """
 
     def connected() -> bool:
-        info = redis.command("INFO", "clients")
-        assert isinstance(info, str)
-        match = re.search(r"^connected_clients:(\d+)", info, re.M)
-        assert match is not None
-        # Minus the connection that asks.
-        return int(match.group(1)) - 1 >= POOL_SIZE * daemons
+        listing = redis.command("CLIENT", "LIST")
+        assert isinstance(listing, str)
+        # The pool connections: not the one that asks, nor each daemon's
+        # subscriber connection (client tracking of the lookup cache).
+        pool = [
+            line
+            for line in listing.splitlines()
+            if line and "cmd=client" not in line and " sub=0 " in line
+        ]
+        return len(pool) >= POOL_SIZE * daemons
 
     wait_for(connected, f"{daemons} daemon(s) to connect to Redis")
 
@@ -477,8 +481,10 @@ def test_daemon_without_redis(start_daemon: StartDaemon, fake_userli: FakeUserli
     spellings = ["LIMITED@example.org", "limited+x@example.org", "limited@example.org"]
     actions = policy_query(daemon.policy, [message(s) for s in spellings])
     assert actions == ["DUNNO", "DUNNO", REJECT]
-    # Only the normalised address reached the API, once (the quota is kept).
-    assert [r.key for r in fake_userli.fake.requests("smtp_quota")] == [LIMITED]
+    # Only the normalised address reached the API (once per message, or
+    # fewer where identical questions were in flight together).
+    keys = [r.key for r in fake_userli.fake.requests("smtp_quota")]
+    assert set(keys) == {LIMITED} and 1 <= len(keys) <= 3
 
 
 def test_restart_keeps_count(start_daemon: StartDaemon, redis_server: RedisServer) -> None:

@@ -29,7 +29,7 @@ import pytest
 from tests.fake_userli import FakeUserliServer, UserliData
 from tests.integration.clients import PolicyClient, SocketmapClient, end_of_message
 from tests.integration.conftest import DOMAIN, StartDaemon, userli_data
-from tests.integration.harness import STARTUP_DEADLINE, RedisServer, wait_for
+from tests.integration.harness import STARTUP_DEADLINE, Daemon, RedisServer, http_get, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -253,6 +253,8 @@ def test_failover(group: Group, fake_userli: FakeUserliServer, start_daemon: Sta
         return group.master.command("GET", cached) is not None
 
     wait_for(found_master, "the daemon to use the master it got from the Sentinels")
+    # The near-cache follows the master through the Sentinels too.
+    wait_for(lambda: near_cache_coherent(daemon), "client tracking on the master")
 
     with PolicyClient(daemon.policy) as client:
         assert client.ask(end_of_message(LIMITED)) == "DUNNO"
@@ -321,6 +323,17 @@ def test_failover(group: Group, fake_userli: FakeUserliServer, start_daemon: Sta
     # The daemon found the new master soon after the Sentinels named it.
     assert recovered - promoted < FOLLOW_DEADLINE, recovered - promoted
 
+    # Client tracking is established on the new master: a change there
+    # reaches the near-cache.
+    wait_for(lambda: near_cache_coherent(daemon), "client tracking on the new master")
+    group.replica.command("SET", cached, f"OK bob@{DOMAIN}", "EX", "300")
+
+    def changed() -> bool:
+        with SocketmapClient(daemon.socketmap) as client:  # type: ignore[arg-type]
+            return client.ask(b"alias info@" + DOMAIN.encode()) == b"OK bob@" + DOMAIN.encode()
+
+    wait_for(changed, "the change on the new master", deadline=5.0)
+
     # The same process all along.
     assert daemon.running and daemon.pid == pid
     fail_open = sum(1 for a in traffic.policies if a.reply == "DUNNO")
@@ -330,3 +343,10 @@ def test_failover(group: Group, fake_userli: FakeUserliServer, start_daemon: Sta
         f"{len(traffic.lookups)} lookups and {len(traffic.policies)} policy requests answered "
         f"({fail_open} fail-open); worst answer {max(worst_lookup, worst_policy) * 1000:.0f} ms"
     )
+
+
+def near_cache_coherent(daemon: Daemon) -> bool:
+    """Whether the daemon's near-cache gauge says Redis reports every change."""
+    status, body = http_get(daemon.metrics_url + "/metrics")
+    assert status == 200
+    return b"\nuserli_postfix_adapter_near_cache_coherent 1.0\n" in body

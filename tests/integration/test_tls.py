@@ -15,7 +15,14 @@ import pytest
 from tests.certificates import self_signed
 from tests.fake_userli import FakeUserliServer
 from tests.integration.conftest import DOMAIN, StartDaemon, userli_data
-from tests.integration.harness import Daemon, postmap
+from tests.integration.harness import (
+    Daemon,
+    RedisServer,
+    free_port,
+    http_get,
+    postmap,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +95,58 @@ def test_https_untrusted_certificate(
     assert status != 0
     assert "temporary" in err.lower()
     assert https_userli.fake.requests("mailbox") == []
+
+
+def test_rediss(
+    start_daemon: StartDaemon,
+    fake_userli: FakeUserliServer,
+    certificate: tuple[bytes, bytes, Path],
+    tmp_path: Path,
+) -> None:
+    """
+    A rediss:// Redis whose certificate the trust store vouches for is used,
+    by the connection pool and by the tracking connection of the near-cache.
+    """
+    pem, key, trusted = certificate
+    (tmp_path / "redis.pem").write_bytes(pem)
+    (tmp_path / "redis.key").write_bytes(key)
+    tls_port = free_port()
+    redis = RedisServer(
+        tmp_path / "redis-tls",
+        arguments=[
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(tmp_path / "redis.pem"),
+            "--tls-key-file",
+            str(tmp_path / "redis.key"),
+            "--tls-ca-cert-file",
+            str(trusted),
+            "--tls-auth-clients",
+            "no",
+        ],
+    )
+    redis.start()
+    try:
+        daemon = start_daemon(
+            env={
+                "REDIS_URL": f"rediss://localhost:{tls_port}/0",
+                "SSL_CERT_FILE": str(trusted),
+            }
+        )
+        key = f"userli:lookup:mailbox:{ALICE}"
+
+        def cached() -> bool:
+            status, out, _ = postmap(ALICE, daemon.socketmap_target("mailbox"))
+            assert (status, out.strip()) == (0, "1"), daemon.output()
+            return redis.command("GET", key) == "OK 1"
+
+        wait_for(cached, "the answer cached over TLS")
+
+        def coherent() -> bool:
+            _, body = http_get(daemon.metrics_url + "/metrics")
+            return b"\nuserli_postfix_adapter_near_cache_coherent 1.0\n" in body
+
+        wait_for(coherent, "client tracking over TLS")
+    finally:
+        redis.stop()
