@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -17,7 +18,7 @@ from twisted.application.service import Application, IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
@@ -230,6 +231,29 @@ class MakeServiceTests(SynchronousTestCase):
         application = Application("userli-postfix")
         service.setServiceParent(application)
         self.assertIsNotNone(application.getComponent(ILogObserver))
+
+    def test_log_goes_where_twistd_says(self) -> None:
+        """
+        Under twistd, the observer handed to twistd writes where twistd's own
+        options (here C{--logfile}) say, filtered by C{LOG_LEVEL}.
+        """
+        self.patch(os, "environ", {"USERLI_TOKEN": "t", "LOG_LEVEL": "warn"})
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        path = os.path.abspath(self.mktemp())
+        options = tap.Options()
+        options.parseOptions([])
+        options.parent = {"logfile": path, "nodaemon": False}  # twistd's ServerOptions
+        service = tap.makeService(options, reactor=MemoryReactorClock())
+        application = Application("userli-postfix")
+        service.setServiceParent(application)
+        log = Logger(observer=application.getComponent(ILogObserver))
+        log.info("not at warn")
+        log.warn("Redis unreachable")
+        with open(path) as f:
+            text = f.read()
+        self.assertIn("Redis unreachable", text)
+        self.assertNotIn("not at warn", text)
 
 
 class PluginTests(SynchronousTestCase):
