@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from userli_postfix import __version__, daemon, tap
+from userli_postfix import config as config_module
 from userli_postfix.cache import MemoryCache
 from userli_postfix.config import SETTINGS, Config
 from userli_postfix.socketmap import SocketmapFactory, netstring
@@ -37,6 +38,8 @@ class OptionsTests(SynchronousTestCase):
         self.patch(os, "environ", self.environ)
         self.stderr = io.StringIO()
         self.patch(sys, "stderr", self.stderr)
+        # ":PORT" is every address, IPv6 included, on hosts that have IPv6.
+        self.patch(config_module, "ipv6Available", lambda: True)
 
     def parse(self, *argv: str) -> tap.Options:
         options = tap.Options()
@@ -65,7 +68,9 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--lookup-cache-ttl", "1h", "--userli-token=flag-token")
         self.assertEqual(options.config.lookup_cache_ttl, 3600.0)
         self.assertEqual(options.config.userli_token, "flag-token")
-        self.assertEqual(options.config.socketmap_listen, "tcp:20001:backlog=4096")
+        self.assertEqual(
+            options.config.socketmap_listen, "tcp6:20001:interface=\\:\\::backlog=4096"
+        )
 
     def test_every_flag_read(self) -> None:
         """Every flag reaches the configuration."""
@@ -90,7 +95,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             config, Config.from_sources({}, {s.option: values.get(s.option) for s in SETTINGS})
         )
-        self.assertEqual(config.sasl_listen, "tcp:20006:backlog=4096")
+        self.assertEqual(config.sasl_listen, "tcp6:20006:interface=\\:\\::backlog=4096")
         self.assertEqual(config.log_format, "json")
 
     def test_bad_configuration(self) -> None:
@@ -142,6 +147,9 @@ class OptionsTests(SynchronousTestCase):
 class MakeServiceTests(SynchronousTestCase):
     """L{tap.makeService} on a L{MemoryReactorClock}: nothing really listens."""
 
+    def setUp(self) -> None:
+        self.patch(config_module, "ipv6Available", lambda: True)
+
     def build(self, **environ: str) -> tuple[Any, MemoryReactorClock]:
         reactor = MemoryReactorClock()
         config = Config.from_sources({"USERLI_TOKEN": "t", **environ})
@@ -184,7 +192,7 @@ class MakeServiceTests(SynchronousTestCase):
         )
         service.startService()
         tcp = {port: interface for port, _, _, interface in reactor.tcpServers}
-        self.assertEqual(tcp, {20001: "127.0.0.1", 20002: "127.0.0.1", 20003: ""})
+        self.assertEqual(tcp, {20001: "127.0.0.1", 20002: "127.0.0.1", 20003: "::"})
         self.assertEqual([address for address, *_ in reactor.unixServers], [path + ".sock"])
         self.successResultOf(service.stopService())
 
