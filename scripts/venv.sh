@@ -18,7 +18,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 # Everything the install is made of: the package's files, its metadata,
-# the extras and constraints asked for, and the interpreter.
+# the constraints asked for and the interpreter; then the extras.  An
+# install with extras serves a start without them (run.sh after test.sh).
 stamp="$VENV/.userli-postfix-install"
 inputs=$(
     {
@@ -26,11 +27,13 @@ inputs=$(
             ${CONSTRAINTS:+"$CONSTRAINTS"} -type f \
             ! -name '*.pyc' ! -name dropin.cache -print0 |
             sort -z | xargs -0 sha256sum
-        echo "extras=${EXTRAS:-} constraints=${CONSTRAINTS:-}"
+        echo "constraints=${CONSTRAINTS:-}"
         "$VENV/bin/python" --version
-    } | sha256sum
+    } | sha256sum | cut -d' ' -f1
 )
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
+installed=$(cat "$stamp" 2>/dev/null || true)
+if [ "$installed" != "$inputs ${EXTRAS:-}" ] &&
+    { [ -n "${EXTRAS:-}" ] || [ "${installed%% *}" != "$inputs" ]; }; then
     rm -f "$stamp"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # Not editable: an editable install would map the repository's
@@ -40,5 +43,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
     # start (which would have to import every plugin, and may run as a user
     # who cannot write it).
     "$VENV/bin/python" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
-    echo "$inputs" >"$stamp"
+    echo "$inputs ${EXTRAS:-}" >"$stamp"
 fi
