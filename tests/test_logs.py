@@ -8,8 +8,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 from twisted.logger import Logger
@@ -119,8 +121,8 @@ class DestinationTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
         # twistd's log file rotates on SIGUSR1; leave the process as it was.
         previous = signal.getsignal(signal.SIGUSR1)
         self.addCleanup(signal.signal, signal.SIGUSR1, previous)

@@ -248,7 +248,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.patch(os, "environ", {"USERLI_TOKEN": "t", "LOG_LEVEL": "warn"})
         previous = signal.getsignal(signal.SIGUSR1)
         self.addCleanup(signal.signal, signal.SIGUSR1, previous)
-        path = os.path.abspath(self.mktemp())
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "userli-postfix.log")
         options = tap.Options()
         options.parseOptions([])
         options.parent = {"logfile": path, "nodaemon": False}  # twistd's ServerOptions
