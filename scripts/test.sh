@@ -22,6 +22,22 @@ if [ -n "$missing" ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 
+if [ "$#" -eq 0 ]; then
+    # The whole run (CI's) first proves the lower bounds of setup.cfg: the
+    # unit tests on the versions in constraints/minimum.txt, in a second
+    # virtualenv.  A run given arguments (a developer's loop) skips this.
+    echo "Unit tests on the lowest versions allowed (constraints/minimum.txt):"
+    (
+        VENV=.venv-min
+        EXTRAS="[test]"
+        CONSTRAINTS=constraints/minimum.txt
+        . scripts/venv.sh
+        .venv-min/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/integration \
+            -m "not integration" tests
+    )
+fi
+
+VENV=.venv
 EXTRAS="[test]"
 . scripts/venv.sh
 

@@ -7,11 +7,13 @@ names the variable at fault.
 from __future__ import annotations
 
 import os
+import socket
 
 from twisted.internet.endpoints import _SystemdParser
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase
 
+from userli_postfix import config as config_module
 from userli_postfix.config import (
     SETTINGS,
     Config,
@@ -26,6 +28,16 @@ from userli_postfix.config import (
 )
 
 TOKEN = {"USERLI_TOKEN": "secret-token"}
+
+
+def _canBindIPv6() -> bool:
+    """Whether an IPv6 socket can be bound here, asked without the code under test."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+    except OSError:
+        return False
+    return True
 
 
 class ParseDurationTests(SynchronousTestCase):
@@ -94,10 +106,13 @@ class ListenEndpointTests(SynchronousTestCase):
     descriptions pass through after Twisted has checked them.
     """
 
+    def setUp(self) -> None:
+        self.patch(config_module, "ipv6Available", lambda: True)
+
     def test_go_forms(self) -> None:
         """Every Go address form maps to the matching endpoint description."""
         table = [
-            (":10001", "tcp:10001:backlog=4096"),
+            (":10001", "tcp6:10001:interface=\\:\\::backlog=4096"),
             ("127.0.0.1:10001", "tcp:10001:interface=127.0.0.1:backlog=4096"),
             ("0.0.0.0:25", "tcp:25:interface=0.0.0.0:backlog=4096"),
             ("localhost:10002", "tcp:10002:interface=localhost:backlog=4096"),
@@ -109,10 +124,21 @@ class ListenEndpointTests(SynchronousTestCase):
                 "unix:/var/spool/postfix/private/auth:mode=666:lockfile=1:backlog=4096",
             ),
             ("x.sock", "unix:x.sock:mode=666:lockfile=1:backlog=4096"),
-            (" :10001 ", "tcp:10001:backlog=4096"),
+            (" :10001 ", "tcp6:10001:interface=\\:\\::backlog=4096"),
         ]
         for value, description in table:
             self.assertEqual(listen_endpoint("SOCKETMAP_LISTEN_ADDR", value), description, value)
+
+    def test_every_address_without_ipv6(self) -> None:
+        """
+        On a host that cannot listen on IPv6, C{:PORT} is every IPv4 address
+        (as Go falls back to); C{0.0.0.0:PORT} is IPv4 only either way.
+        """
+        self.patch(config_module, "ipv6Available", lambda: False)
+        self.assertEqual(listen_endpoint("X", ":10001"), "tcp:10001:backlog=4096")
+        self.assertEqual(
+            listen_endpoint("X", "0.0.0.0:10001"), "tcp:10001:interface=0.0.0.0:backlog=4096"
+        )
 
     def test_socket_path_escaped(self) -> None:
         """
@@ -205,6 +231,16 @@ class ListenEndpointTests(SynchronousTestCase):
         )
         self.assertEqual(error.variable, "POLICY_LISTEN_ADDR")
         self.assertIn("LISTEN_FDS", str(error))
+
+
+class IPv6ProbeTests(SynchronousTestCase):
+    """L{config_module.ipv6Available}: whether C{:PORT} can include IPv6 here."""
+
+    def test_ipv6_probe(self) -> None:
+        """The probe answers whether an IPv6 socket can be bound here, and no without IPv6."""
+        self.assertEqual(config_module.ipv6Available(), _canBindIPv6())
+        self.patch(socket, "has_ipv6", False)
+        self.assertFalse(config_module.ipv6Available())
 
 
 class RedisURLTests(SynchronousTestCase):
@@ -365,9 +401,9 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.userli_token, "secret-token")
         self.assertEqual(config.userli_base_url, "http://localhost:8000")
         self.assertEqual(config.recipient_delimiter, "")
-        self.assertEqual(config.socketmap_listen, "tcp:10001:backlog=4096")
-        self.assertEqual(config.policy_listen, "tcp:10003:backlog=4096")
-        self.assertEqual(config.metrics_listen, "tcp:10002:backlog=4096")
+        self.assertEqual(config.socketmap_listen, listen_endpoint("X", ":10001"))
+        self.assertEqual(config.policy_listen, listen_endpoint("X", ":10003"))
+        self.assertEqual(config.metrics_listen, listen_endpoint("X", ":10002"))
         self.assertIsNone(config.sasl_listen)
         self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
         self.assertIsNone(config.redis)

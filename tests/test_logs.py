@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any
 
 from twisted.logger import Logger
+from twisted.python import syslog as twisted_syslog
 from twisted.trial.unittest import SynchronousTestCase
 
-from userli_postfix.logs import LEVELS, makeObserver
+from userli_postfix.logs import LEVELS, daemonObserver, makeObserver, withoutCredentials
 
 
 class LevelTests(SynchronousTestCase):
@@ -105,3 +112,137 @@ class JSONTests(SynchronousTestCase):
         self.log.info("domain {d}", d="bücher.de")
         (record,) = self.records()
         self.assertEqual(record["message"], "domain bücher.de")
+
+
+class DestinationTests(SynchronousTestCase):
+    """
+    L{daemonObserver} writes where twistd's options send the log, in
+    C{LOG_FORMAT}, through C{LOG_LEVEL}'s filter.
+    """
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        # twistd's log file rotates on SIGUSR1; leave the process as it was.
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+    def emit(self, observer: Any) -> None:
+        """One event at info and one at warn."""
+        log = Logger(namespace="userli_postfix.test", observer=observer)
+        log.info("socketmap listening on {where}", where="tcp:10001")
+        log.warn("Userli alias lookup failed")
+
+    def test_logfile_text(self) -> None:
+        """C{--logfile}: twistd's text lines in that file, filtered by level."""
+        path = os.path.join(self.directory, "daemon.log")
+        observer = daemonObserver("warn", "text", {"logfile": path, "nodaemon": False})
+        self.emit(observer)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("[userli_postfix.test#warn] Userli alias lookup failed", lines[0])
+
+    def test_logfile_json(self) -> None:
+        """C{--logfile} with C{LOG_FORMAT=json}: each line of the file is one JSON object."""
+        path = os.path.join(self.directory, "daemon.log")
+        self.emit(daemonObserver("info", "json", {"logfile": path, "nodaemon": True}))
+        with open(path) as f:
+            records = [json.loads(line) for line in f.read().splitlines()]
+        self.assertEqual(
+            [(r["level"], r["message"]) for r in records],
+            [("info", "socketmap listening on tcp:10001"), ("warn", "Userli alias lookup failed")],
+        )
+
+    def test_logfile_rotates_on_sigusr1(self) -> None:
+        """As with twistd's own log file, SIGUSR1 asks for a rotation."""
+        path = os.path.join(self.directory, "daemon.log")
+        daemonObserver("info", "text", {"logfile": path})
+        self.assertNotIn(signal.getsignal(signal.SIGUSR1), (None, signal.SIG_DFL))
+
+    def test_daemon_default_file(self) -> None:
+        """In daemon mode without C{--logfile} the log is twistd's C{twistd.log}."""
+        cwd = os.getcwd()
+        self.addCleanup(os.chdir, cwd)
+        os.chdir(self.directory)
+        self.emit(daemonObserver("info", "text", {"logfile": None, "nodaemon": False}))
+        with open(os.path.join(self.directory, "twistd.log")) as f:
+            self.assertIn("Userli alias lookup failed", f.read())
+
+    def test_stdout(self) -> None:
+        """With C{-n} and no log file (and without twistd at all) the log is stdout."""
+        for options in ({"nodaemon": True}, {"nodaemon": True, "logfile": "-"}, None):
+            stdout = io.StringIO()
+            self.patch(sys, "stdout", stdout)
+            self.emit(daemonObserver("info", "json", options))
+            self.assertEqual(len(stdout.getvalue().splitlines()), 2, options)
+
+    def test_daemon_cannot_log_to_stdout(self) -> None:
+        """C{--logfile=-} in daemon mode is refused, as twistd refuses it."""
+        error = self.assertRaises(
+            SystemExit, daemonObserver, "info", "text", {"logfile": "-", "nodaemon": False}
+        )
+        self.assertIn("stdout", str(error.code))
+
+
+class FakeSyslog:
+    """Stands in for the C{syslog} module's C{openlog} and C{syslog}."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[Any, ...]] = []
+        self.messages: list[tuple[int, str]] = []
+
+    def openlog(self, *args: Any) -> None:
+        self.opened.append(args)
+
+    def syslog(self, priority: int, message: str) -> None:
+        self.messages.append((priority, message))
+
+
+class SyslogTests(SynchronousTestCase):
+    """C{--syslog} and C{--prefix}: the events go to syslog with their level's priority."""
+
+    def setUp(self) -> None:
+        self.fake = FakeSyslog()
+        self.patch(twisted_syslog.SyslogObserver, "openlog", self.fake.openlog)
+        self.patch(twisted_syslog.SyslogObserver, "syslog", self.fake.syslog)
+
+    def emit(self, format: str, level: str = "info") -> None:
+        options = {"syslog": True, "prefix": "userli-postfix", "nodaemon": False}
+        log = Logger(
+            namespace="userli_postfix.test", observer=daemonObserver(level, format, options)
+        )
+        log.debug("hidden")
+        log.info("socketmap listening on {where}", where="tcp:10001")
+        log.warn("Userli alias lookup failed")
+
+    def test_text(self) -> None:
+        """The prefix names the program; info is LOG_INFO (6), warn LOG_WARNING (4)."""
+        self.emit("text")
+        self.assertEqual(self.fake.opened[0][0], "userli-postfix")
+        self.assertEqual(
+            [(priority & 7, message.split("] ", 1)[1]) for priority, message in self.fake.messages],
+            [(6, "socketmap listening on tcp:10001"), (4, "Userli alias lookup failed")],
+        )
+
+    def test_json(self) -> None:
+        """With C{LOG_FORMAT=json} each syslog message is one JSON object."""
+        self.emit("json", level="warn")
+        ((priority, message),) = self.fake.messages
+        self.assertEqual(priority & 7, 4)
+        record = json.loads(message.split("] ", 1)[1])
+        self.assertEqual(record["message"], "Userli alias lookup failed")
+        self.assertEqual(record["level"], "warn")
+
+
+class CredentialsTests(SynchronousTestCase):
+    """URLs in log lines."""
+
+    def test_without_credentials(self) -> None:
+        """User and password in a URL are left out; everything else stays."""
+        self.assertEqual(
+            withoutCredentials("https://user:secret@userli.example.org:8443/base"),
+            "https://userli.example.org:8443/base",
+        )
+        self.assertEqual(withoutCredentials("http://localhost:8000"), "http://localhost:8000")

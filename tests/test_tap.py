@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -17,12 +18,13 @@ from twisted.application.service import Application, IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from userli_postfix import __version__, daemon, tap
+from userli_postfix import config as config_module
 from userli_postfix.cache import MemoryCache, NearCache
 from userli_postfix.config import SETTINGS, Config
 from userli_postfix.socketmap import SocketmapFactory, netstring
@@ -36,6 +38,8 @@ class OptionsTests(SynchronousTestCase):
         self.patch(os, "environ", self.environ)
         self.stderr = io.StringIO()
         self.patch(sys, "stderr", self.stderr)
+        # ":PORT" is every address, IPv6 included, on hosts that have IPv6.
+        self.patch(config_module, "ipv6Available", lambda: True)
 
     def parse(self, *argv: str) -> tap.Options:
         options = tap.Options()
@@ -64,7 +68,9 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--lookup-cache-ttl", "1h", "--userli-token=flag-token")
         self.assertEqual(options.config.lookup_cache_ttl, 3600.0)
         self.assertEqual(options.config.userli_token, "flag-token")
-        self.assertEqual(options.config.socketmap_listen, "tcp:20001:backlog=4096")
+        self.assertEqual(
+            options.config.socketmap_listen, "tcp6:20001:interface=\\:\\::backlog=4096"
+        )
 
     def test_every_flag_read(self) -> None:
         """Every flag reaches the configuration."""
@@ -89,7 +95,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             config, Config.from_sources({}, {s.option: values.get(s.option) for s in SETTINGS})
         )
-        self.assertEqual(config.sasl_listen, "tcp:20006:backlog=4096")
+        self.assertEqual(config.sasl_listen, "tcp6:20006:interface=\\:\\::backlog=4096")
         self.assertEqual(config.log_format, "json")
 
     def test_bad_configuration(self) -> None:
@@ -165,6 +171,9 @@ class OptionsTests(SynchronousTestCase):
 class MakeServiceTests(SynchronousTestCase):
     """L{tap.makeService} on a L{MemoryReactorClock}: nothing really listens."""
 
+    def setUp(self) -> None:
+        self.patch(config_module, "ipv6Available", lambda: True)
+
     def build(self, **environ: str) -> tuple[Any, MemoryReactorClock]:
         reactor = MemoryReactorClock()
         config = Config.from_sources({"USERLI_TOKEN": "t", **environ})
@@ -207,7 +216,7 @@ class MakeServiceTests(SynchronousTestCase):
         )
         service.startService()
         tcp = {port: interface for port, _, _, interface in reactor.tcpServers}
-        self.assertEqual(tcp, {20001: "127.0.0.1", 20002: "127.0.0.1", 20003: ""})
+        self.assertEqual(tcp, {20001: "127.0.0.1", 20002: "127.0.0.1", 20003: "::"})
         self.assertEqual([address for address, *_ in reactor.unixServers], [path + ".sock"])
         self.successResultOf(service.stopService())
 
@@ -267,6 +276,31 @@ class MakeServiceTests(SynchronousTestCase):
         application = Application("userli-postfix")
         service.setServiceParent(application)
         self.assertIsNotNone(application.getComponent(ILogObserver))
+
+    def test_log_goes_where_twistd_says(self) -> None:
+        """
+        Under twistd, the observer handed to twistd writes where twistd's own
+        options (here C{--logfile}) say, filtered by C{LOG_LEVEL}.
+        """
+        self.patch(os, "environ", {"USERLI_TOKEN": "t", "LOG_LEVEL": "warn"})
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "userli-postfix.log")
+        options = tap.Options()
+        options.parseOptions([])
+        options.parent = {"logfile": path, "nodaemon": False}  # twistd's ServerOptions
+        service = tap.makeService(options, reactor=MemoryReactorClock())
+        application = Application("userli-postfix")
+        service.setServiceParent(application)
+        log = Logger(observer=application.getComponent(ILogObserver))
+        log.info("not at warn")
+        log.warn("Redis unreachable")
+        with open(path) as f:
+            text = f.read()
+        self.assertIn("Redis unreachable", text)
+        self.assertNotIn("not at warn", text)
 
 
 class PluginTests(SynchronousTestCase):

@@ -19,6 +19,7 @@ from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
@@ -680,3 +681,57 @@ class MetricsTests(ClientTestCase):
                 for value in sample.labels.values():
                     self.assertNotIn("secret-person", value)
                     self.assertNotIn("example.org", value)
+
+
+class TokenRefusalTests(ClientTestCase):
+    """A 401/403 for our token is said once, in words an admin can act on."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def errors(self) -> list[str]:
+        """The error-level messages logged so far."""
+        return [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.error]
+
+    def test_wrong_token_once(self) -> None:
+        """Many lookups refused with 401 log one error naming USERLI_TOKEN, not one each."""
+        self.userli.answer(401, {"error": "Invalid API token"})
+        for _ in range(5):
+            self.failing(self.client.alias("a@example.org"))
+        self.failing(self.client.auth("a@example.org", "pw"))
+        (message,) = self.errors()
+        self.assertIn("HTTP 401", message)
+        self.assertIn("USERLI_TOKEN is wrong", message)
+        self.assertNotIn(TOKEN, message)
+
+    def test_missing_scope_once(self) -> None:
+        """A 403 (Symfony's body, or none at all) names the missing postfix scope, once."""
+        self.userli.answer(403, {"type": "about:blank", "title": "An error occurred"})
+        self.failing(self.client.domain("example.org"))
+        self.userli.answer(403, body=b"<html>Access Denied</html>")
+        self.failing(self.client.mailbox("a@example.org"))
+        (message,) = self.errors()
+        self.assertIn("HTTP 403", message)
+        self.assertIn("'postfix' scope", message)
+
+    def test_login_refusals_are_not_token_errors(self) -> None:
+        """A user's refused login (401/403 with Userli's message) says nothing about the token."""
+        self.userli.answer(401, {"message": "authentication failed"})
+        self.succeed(self.client.auth("a@example.org", "pw"))
+        self.userli.answer(403, {"message": "user disabled due to spam role"})
+        self.succeed(self.client.auth("a@example.org", "pw"))
+        self.assertEqual(self.errors(), [])
+
+    def test_said_again_after_recovery(self) -> None:
+        """Once an answer shows the token working, a new refusal is logged again."""
+        self.userli.answer(401, {"error": "Invalid API token"})
+        self.failing(self.client.alias("a@example.org"))
+        self.userli.answer(200, [])
+        self.succeed(self.client.alias("a@example.org"))
+        self.userli.answer(401, {"error": "Invalid API token"})
+        self.failing(self.client.alias("a@example.org"))
+        self.failing(self.client.alias("a@example.org"))
+        self.assertEqual(len(self.errors()), 2)

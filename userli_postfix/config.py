@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
@@ -114,6 +115,22 @@ _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?
 _HOST_NAME = re.compile(r"[A-Za-z0-9.-]+")
 
 
+def ipv6Available() -> bool:
+    """
+    Whether this host can listen on IPv6 at all; where it cannot (a
+    kernel booted with ipv6.disable=1, some containers), ":PORT" is every
+    IPv4 address, as Go's listener falls back to.
+    """
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
 def listen_endpoint(variable: str, value: str) -> str:
     """
     Turn a listen address into a Twisted endpoint description.
@@ -161,6 +178,10 @@ def listen_endpoint(variable: str, value: str) -> str:
             if not _HOST_NAME.fullmatch(host):
                 raise ConfigError(variable, f"invalid host {host!r}")
             description = f"tcp:{port}:interface={host}:backlog={LISTEN_BACKLOG}"
+        elif ipv6Available():
+            # Go's ":PORT" is every address, IPv6 included: "::" is both
+            # families on Linux (unless net.ipv6.bindv6only=1 is set).
+            description = f"tcp6:{port}:interface=\\:\\::backlog={LISTEN_BACKLOG}"
         else:
             description = f"tcp:{port}:backlog={LISTEN_BACKLOG}"
     # Imported here, not at the top: whether Twisted is loaded with TLS

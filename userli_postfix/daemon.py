@@ -22,12 +22,12 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from userli_postfix import workers
+from userli_postfix import __version__, workers
 from userli_postfix.cache import CACHE_PREFIX, LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import Config
 from userli_postfix.httpclient import KeepAlivePool, ReusedEndpoints, keepAliveRequester
 from userli_postfix.listeners import LimitedFactory
-from userli_postfix.logs import makeObserver
+from userli_postfix.logs import daemonObserver, withoutCredentials
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.policy import makePolicyFactory
@@ -173,16 +173,23 @@ class DaemonService(MultiService):
             self._clock._exitSignal = None  # type: ignore[attr-defined]
 
 
-def build(config: Config, reactor: Any, given: Mapping[str, str | None]) -> DaemonService:
+def build(
+    config: Config,
+    reactor: Any,
+    given: Mapping[str, str | None],
+    twistd: Mapping[str, Any] | None = None,
+) -> DaemonService:
     """
     Build the daemon from its configuration.
 
     @param given: the twistd options given on the command line (keyed by
         option name), which worker processes are started with too.
+    @param twistd: twistd's own options (C{--logfile}, C{--syslog}, C{-n},
+        ...), which say where the log goes; C{None} without twistd.
     """
     assert IReactorCore.providedBy(reactor) or hasattr(reactor, "seconds")
 
-    observer = makeObserver(config.log_level, config.log_format)
+    observer = daemonObserver(config.log_level, config.log_format, twistd)
     inherited = workers.inheritedListeners()
     metricsDirectory = None
     if config.workers > 1 and inherited is None:
@@ -214,6 +221,11 @@ def build(config: Config, reactor: Any, given: Mapping[str, str | None]) -> Daem
         cache = near
     else:
         cache = MemoryCache(reactor, config.lookup_cache_ttl)
+    log.info(
+        "userli-postfix {version} using the Userli API at {url}",
+        version=__version__,
+        url=withoutCredentials(config.userli_base_url),
+    )
     if redis is None:
         log.info(
             "REDIS_URL is not set: the lookup cache and the rate-limit windows are "

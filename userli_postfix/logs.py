@@ -1,22 +1,34 @@
 """
 Logging set-up: ``LOG_LEVEL`` filters twisted.logger events and
-``LOG_FORMAT`` chooses plain text or one JSON object per line.
+``LOG_FORMAT`` chooses plain text or one JSON object per line, written
+wherever twistd's options send the log.
 
-twistd installs its log observer after the service is built; the daemon
-hands this observer to twistd through the application (see
-L{userli_postfix.tap.DaemonService.setServiceParent}), so every event, from
-start-up to shutdown, goes through the level filter.
+twistd takes the log observer from the application when one is set on it
+(see L{userli_postfix.daemon.DaemonService.setServiceParent}); otherwise it
+makes a text observer for C{--logfile}, C{--syslog} or stdout.  The
+daemon sets one so that every event, twistd's own included, goes through
+the level filter, and so that a JSON line is the whole line: twistd's text
+observer starts every line with a time stamp and the system name.  The
+observer goes where twistd's would (L{destination} reads twistd's own
+options) and writes through the same pieces twistd uses: its L{LogFile}
+(size rotation, and SIGUSR1 as twistd installs it) and its
+L{SyslogObserver}.  An explicit C{--logger} still wins, as twistd documents.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from typing import IO
+from collections.abc import Mapping
+from typing import IO, Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    LegacyLogObserverWrapper,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
@@ -24,6 +36,8 @@ from twisted.logger import (
     formatTime,
     textFileLogObserver,
 )
+from twisted.python.log import ILogObserver as ILegacyLogObserver
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 LEVELS = {
@@ -33,33 +47,142 @@ LEVELS = {
     "error": LogLevel.error,
 }
 
+# syslog(3) priorities (LOG_DEBUG ... LOG_CRIT), so that syslog's own
+# filtering sees the event's level; numbers, so the module is imported
+# only when syslog is used.
+SYSLOG_PRIORITIES = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+# twistd's default log file in daemon mode without --logfile.
+DEFAULT_LOGFILE = "twistd.log"
+
+
+def withoutCredentials(url: str) -> str:
+    """C{url} fit for a log line: any C{user:password@} is left out."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def jsonRecord(event: LogEvent) -> str:
+    """The JSON object for C{event}, on one line (no trailing newline)."""
+    level = event.get("log_level")
+    record = {
+        "time": formatTime(event.get("log_time"), timeFormat="%Y-%m-%dT%H:%M:%S.%f%z"),
+        "level": level.name if level is not None else "info",
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["error"] = failure.getTraceback()
+    return json.dumps(record, default=str)
+
+
+def jsonLine(event: LogEvent) -> str:
+    """C{event} as one JSON object and a newline."""
+    return jsonRecord(event) + "\n"
+
+
+def streamObserver(stream: IO[Any], format: str) -> ILogObserver:
+    """Text lines as twistd writes them, or JSON lines, to a file or stdout."""
+    if format == "json":
+        return FileLogObserver(stream, jsonLine)
+    return textFileLogObserver(stream)
+
 
 @implementer(ILogObserver)
-class JSONLinesObserver:
-    """Writes each event as one JSON object on one line."""
+class SyslogPriority:
+    """
+    Hands events to a syslog observer with the syslog priority of their
+    level (twistd's own syslog observer sends everything but failures as
+    LOG_INFO), and in JSON as the message when C{format} is C{json}.
+    """
 
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
+    def __init__(self, observer: ILogObserver, format: str) -> None:
+        self._observer = observer
+        self._json = format == "json"
 
     def __call__(self, event: LogEvent) -> None:
-        record = {
-            "time": formatTime(event.get("log_time"), timeFormat="%Y-%m-%dT%H:%M:%S.%f%z"),
-            "level": event["log_level"].name if event.get("log_level") else "info",
-            "namespace": event.get("log_namespace", ""),
-            "message": formatEvent(event),
-        }
-        failure = event.get("log_failure")
-        if failure is not None:
-            record["error"] = failure.getTraceback()
-        self._stream.write(json.dumps(record, default=str) + "\n")
-        self._stream.flush()
+        priority = SYSLOG_PRIORITIES.get(event.get("log_level", LogLevel.info), 6)
+        if self._json:
+            event = {
+                "log_format": "{log_json}",
+                "log_json": jsonRecord(event),
+                "log_level": event.get("log_level", LogLevel.info),
+                "log_time": event.get("log_time"),
+                "log_namespace": event.get("log_namespace", ""),
+                "log_system": event.get("log_system", "-"),
+            }
+        else:
+            event = dict(event)
+        event["syslogPriority"] = priority
+        self._observer(event)
+
+
+def _rotateOnSIGUSR1(logFile: LogFile) -> None:
+    """Rotate C{logFile} on SIGUSR1, as twistd does for its own log file."""
+    if signal.getsignal(signal.SIGUSR1) not in (None, signal.SIG_DFL):
+        return
+
+    def rotate(number: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGUSR1, rotate)
+
+
+def destination(format: str, twistd: Mapping[str, Any] | None) -> ILogObserver:
+    """
+    Where the log goes, by twistd's options (C{twistd --help}): C{--syslog}
+    (with C{--prefix}), else C{--logfile} (C{-} is stdout), else stdout with
+    C{-n} and C{twistd.log} in daemon mode.  Without twistd (C{twistd} is
+    C{None}: tests, or another runner) the log goes to stdout.
+    """
+    options: Mapping[str, Any] = twistd if twistd is not None else {"nodaemon": True}
+    if options.get("syslog"):
+        from twisted.python.syslog import SyslogObserver
+
+        prefix = options.get("prefix") or "twisted"
+        # twisted.python.syslog has no type hints; its observer is a legacy one.
+        emit = SyslogObserver(prefix).emit  # type: ignore[no-untyped-call]
+        syslogObserver = LegacyLogObserverWrapper(cast(ILegacyLogObserver, emit))
+        return SyslogPriority(syslogObserver, format)
+    filename = options.get("logfile") or ""
+    nodaemon = bool(options.get("nodaemon"))
+    if filename == "-":
+        if not nodaemon:
+            sys.exit("Daemons cannot log to stdout, exiting!")
+        return streamObserver(sys.stdout, format)
+    if not filename:
+        if nodaemon:
+            return streamObserver(sys.stdout, format)
+        filename = DEFAULT_LOGFILE
+    logFile = LogFile.fromFullPath(filename)  # type: ignore[no-untyped-call]
+    _rotateOnSIGUSR1(logFile)
+    return streamObserver(logFile, format)
+
+
+def filtered(observer: ILogObserver, level: str) -> ILogObserver:
+    """C{observer}, given only the events at C{level} or more severe."""
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    return FilteringLogObserver(observer, [predicate])
+
+
+def daemonObserver(
+    level: str, format: str, twistd: Mapping[str, Any] | None = None
+) -> ILogObserver:
+    """The daemon's observer: C{level} and C{format} applied where twistd logs."""
+    return filtered(destination(format, twistd), level)
 
 
 def makeObserver(level: str, format: str, stream: IO[str] | None = None) -> ILogObserver:
     """An observer that drops events below C{level} and writes the rest in C{format}."""
-    out = stream if stream is not None else sys.stdout
-    observer: ILogObserver = (
-        JSONLinesObserver(out) if format == "json" else textFileLogObserver(out)
-    )
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    return FilteringLogObserver(observer, [predicate])
+    return filtered(streamObserver(stream if stream is not None else sys.stdout, format), level)

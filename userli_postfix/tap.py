@@ -77,5 +77,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
 
         reactor = global_reactor
     if isinstance(options, Options):
-        return build(options.config, reactor, options.given())
+        # Under twistd the plugin's options are a sub-command of twistd's,
+        # whose own (--logfile, --syslog, -n, ...) say where the log goes.
+        return build(options.config, reactor, options.given(), getattr(options, "parent", None))
     return build(options["config"], reactor, {})

@@ -40,6 +40,21 @@ T = TypeVar("T")
 MAX_BODY = 1024 * 1024
 
 
+# What a 401 or 403 that is not a documented login refusal means (see the
+# API reference): Userli answers so for every request of this token.
+TOKEN_REFUSALS = {
+    "401": (
+        "The Userli API refused the token (HTTP {status}): USERLI_TOKEN is wrong or "
+        "unknown to Userli; every lookup fails until it is fixed"
+    ),
+    "403": (
+        "The Userli API refused the token (HTTP {status}): it lacks the 'postfix' scope "
+        "(create one with: bin/console app:api-token:create --name postfix --scopes postfix); "
+        "every lookup fails until it is fixed"
+    ),
+}
+
+
 class UserliError(Exception):
     """The API gave no usable answer (timeout, refused, bad status or body)."""
 
@@ -169,6 +184,7 @@ class UserliClient:
         self.breaker = CircuitBreaker(clock, self._breakerChanged)
         metrics.circuit_breaker_open.set(0)
         self._series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
+        self._tokenRefused: str | None = None
         common = {
             b"Authorization": [b"Bearer " + token.encode("utf-8")],
             b"Accept": [b"application/json"],
@@ -185,6 +201,21 @@ class UserliClient:
         self._metrics.circuit_breaker_open.set(1 if isOpen else 0)
         if isOpen:
             self._metrics.circuit_breaker_opened.inc()
+    def _noteTokenRefusal(self, code: str, failed: bool) -> None:
+        """
+        Say once what a 401 or 403 without a usable answer means: our token
+        is refused, so every lookup fails until an admin fixes it.  Once per
+        refusal, not per request (a busy server would log thousands), and
+        again after an answer showed the token working.
+        """
+        if not failed:
+            if code.startswith("2"):
+                self._tokenRefused = None
+            return
+        if code not in TOKEN_REFUSALS or self._tokenRefused == code:
+            return
+        self._tokenRefused = code
+        log.error(TOKEN_REFUSALS[code], status=code)
 
     def _url(self, endpoint: str, key: str | None = None) -> str:
         if key is None:
@@ -241,6 +272,7 @@ class UserliClient:
             series[0]()
             series[1](elapsed)
             self.breaker.record(attempt, not (isinstance(result, Failure) and unanswered(result)))
+            self._noteTokenRefusal(code, isinstance(result, Failure))
             if isinstance(result, Failure):
                 if result.check(defer.TimeoutError, defer.CancelledError):
                     return Failure(UserliError(f"no answer within {deadline:g} s"))
@@ -321,8 +353,6 @@ class UserliClient:
                 raise UserliError("HTTP 200 without the success message")
             if code in (401, 403) and isinstance(message, str):
                 return AuthResult(ok=False, message=message)
-            if code == 401:
-                log.error("The Userli API refused our token (HTTP 401); check USERLI_TOKEN")
             raise UserliError(f"HTTP {code}")
 
         body = json.dumps({"email": email, "password": password}).encode("utf-8")
