@@ -201,6 +201,7 @@ class UserliClient:
         self._metrics.circuit_breaker_open.set(1 if isOpen else 0)
         if isOpen:
             self._metrics.circuit_breaker_opened.inc()
+
     def _noteTokenRefusal(self, code: str, failed: bool) -> None:
         """
         Say once what a 401 or 403 without a usable answer means: our token
