@@ -545,9 +545,7 @@ class ConfigTests(SynchronousTestCase):
         ]:
             config = Config.from_sources({**TOKEN, "RATE_LIMIT_ACTION": value})
             self.assertEqual(config.rate_limit_action, action, value)
-        self.assertEqual(
-            {s.variable: s.default for s in SETTINGS}["RATE_LIMIT_ACTION"], "REJECT"
-        )
+        self.assertEqual({s.variable: s.default for s in SETTINGS}["RATE_LIMIT_ACTION"], "REJECT")
 
     def test_rate_limit_identity(self) -> None:
         """

@@ -609,9 +609,7 @@ class ActionTests(PolicyTestCase):
         answers = []
         for _ in range(4):
             result = policy.decide(
-                PolicyRequest(
-                    protocol_state="END-OF-MESSAGE", sasl_username="limited@example.org"
-                )
+                PolicyRequest(protocol_state="END-OF-MESSAGE", sasl_username="limited@example.org")
             )
             self.stub.flush()
             answers.append(result if isinstance(result, str) else self.successResultOf(result))
@@ -630,9 +628,7 @@ class ActionTests(PolicyTestCase):
             self.clock.advance(3601)
             self.assertEqual(self.over_quota(action), ["DUNNO"] * 3 + [f"{action} Slow down"])
             self.assertEqual(
-                self.sample(
-                    "policy_requests_total", {"stage": "check", "action": action.lower()}
-                ),
+                self.sample("policy_requests_total", {"stage": "check", "action": action.lower()}),
                 1,
                 action,
             )
@@ -819,9 +815,7 @@ class MakePolicyFactoryTests(PolicyTestCase):
         protocol.makeConnection(transport)
         protocol.dataReceived(end_of_message(sasl_username="limited-tag@example.org") * 4)
         self.stub.flush()
-        self.assertEqual(
-            transport.value(), b"action=DUNNO\n\n" * 3 + b"action=DEFER Slow down\n\n"
-        )
+        self.assertEqual(transport.value(), b"action=DUNNO\n\n" * 3 + b"action=DEFER Slow down\n\n")
         self.assertEqual(self.quota_calls(), ["limited@example.org"] * 4)
 
     def test_identityFromConfiguration(self) -> None:

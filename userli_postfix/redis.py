@@ -114,10 +114,14 @@ class RedisClient:
         clock: IReactorTime,
         commandTimeout: float = COMMAND_TIMEOUT,
         connection: Any = None,
+        poolSize: int = POOL_SIZE,
     ) -> None:
         self.target = target
         self.clock = clock
         self.commandTimeout = commandTimeout
+        # One connection when every command must reach the same one (a
+        # per-connection setting such as CLIENT TRACKING).
+        self.poolSize = poolSize
         self._connection = connection
         self._sentinel: Any = None
 
@@ -151,7 +155,7 @@ class RedisClient:
                 t.master_name,
                 factory_class=_MasterFactory,
                 dbid=t.db,
-                poolsize=POOL_SIZE,
+                poolsize=self.poolSize,
                 password=t.password,
                 username=t.username,
                 replyTimeout=reply_timeout,
@@ -179,7 +183,7 @@ class RedisClient:
             factory = _Factory(
                 uuid,
                 t.db,
-                POOL_SIZE,
+                self.poolSize,
                 isLazy=True,
                 handler=handler,
                 password=t.password,
