@@ -22,7 +22,7 @@ from userli_postfix.addresses import normalise_address, normalise_domain
 from userli_postfix.cache import cache_key
 from userli_postfix.cli.postfix import postfix_lines
 from userli_postfix.cli.report import NOT_OK, OK, Report, usage_error, when
-from userli_postfix.config import LISTEN_VARIABLES, SETTINGS, Config
+from userli_postfix.config import API_TIMEOUT, LISTEN_VARIABLES, SETTINGS, Config
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import (
@@ -225,6 +225,7 @@ class Tools:
     @defer.inlineCallbacks
     def _checkUserli(self) -> Generator[Any, Any, dict[str, Any]]:
         result: dict[str, Any] = {"url": self.config.userli_base_url}
+        started = self.clock.seconds()
         try:
             yield self.client.domain(PROBE_DOMAIN)
         except UserliError as error:
@@ -232,8 +233,9 @@ class Tools:
             message = str(error)
             if status in _MEANINGS:
                 meaning = _MEANINGS[status]
-            elif message.startswith("no answer within"):
-                meaning = f"{message}: Userli is not reachable (or hangs)"
+            elif self.clock.seconds() - started >= API_TIMEOUT:
+                # Timed out, whatever the transport made of the cancellation.
+                meaning = f"no answer within {API_TIMEOUT:g} s: Userli is not reachable (or hangs)"
             elif status in (None, "error"):
                 meaning = f"not reachable: {message}"
             else:
