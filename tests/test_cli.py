@@ -25,7 +25,7 @@ from tests.fake_userli import (
     FakeUserliResource,
     UserliData,
 )
-from userli_postfix.cli import run
+from userli_postfix.cli import execute, run
 from userli_postfix.cli.commands import HIDDEN, Tools, shown_configuration, without_password
 from userli_postfix.cli.options import parse
 from userli_postfix.cli.postfix import postfix_address, postfix_lines, split_description
@@ -373,6 +373,14 @@ class RenderTests(SynchronousTestCase):
         report = Report("quota show", USAGE, {"error": "quota show: needs Redis"})
         self.assertEqual(render(report, False), ("", "userli-postfix: quota show: needs Redis\n"))
 
+    def test_failureOnlyOnStderr(self) -> None:
+        """A command that failed midway: one line on stderr; with C{--json} the document too."""
+        report = Report("cache flush", NOT_OK, {"error": "cache flush: Redis gone"})
+        self.assertEqual(render(report, False), ("", "userli-postfix: cache flush: Redis gone\n"))
+        out, err = render(report, True)
+        self.assertEqual(json.loads(out)["error"], "cache flush: Redis gone")
+        self.assertEqual(err, "userli-postfix: cache flush: Redis gone\n")
+
     def test_duration(self) -> None:
         """Durations for humans."""
         self.assertEqual(
@@ -446,6 +454,26 @@ class CheckUserliTests(SynchronousTestCase):
         report = self.check(tools)
         self.assertEqual(report.status, NOT_OK)
         self.assertIn("HTTP 500", report.data["userli"]["meaning"])
+
+    def test_backendFailure(self) -> None:
+        """
+        A command whose backend fails midway ends with exit status 1 and
+        the reason, and closes what it opened.
+        """
+        tools, _, _ = self.tools()
+        closed: list[bool] = []
+
+        def broken(address: str) -> Any:
+            raise ConnectionError("Redis not reachable within 3 s")
+
+        self.patch(tools, "quotaShow", broken)
+        self.patch(tools, "close", lambda: closed.append(True))
+        report = self.successResultOf(
+            execute(tools, "quota show", ("quota", "show", "alice@example.org"))
+        )
+        self.assertEqual(report.status, NOT_OK)
+        self.assertEqual(report.data["error"], "quota show: Redis not reachable within 3 s")
+        self.assertEqual(closed, [True])
 
     def test_commandsNeedingRedis(self) -> None:
         """Without REDIS_URL, the Redis commands exit 2 saying so."""

@@ -290,3 +290,20 @@ def test_console_script_installed() -> None:
     )
     assert result.returncode == 0
     assert "--json" in result.stdout
+
+
+def test_redis_down_midway(tmp_path: Path, fake_userli: FakeUserliServer) -> None:
+    """
+    A command that cannot reach Redis exits 1 with one line saying so, not
+    a traceback.
+    """
+    env = {
+        "USERLI_TOKEN": TOKEN,
+        "USERLI_BASE_URL": fake_userli.url,
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    result = cli(env, "quota", "reset", LIMITED)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("userli-postfix: quota reset: Redis not reachable within")
+    assert "Traceback" not in result.stderr

@@ -28,7 +28,7 @@ from twisted.python import usage
 
 from userli_postfix.cli.commands import Tools
 from userli_postfix.cli.options import Options, parse
-from userli_postfix.cli.report import USAGE, Report, render
+from userli_postfix.cli.report import NOT_OK, USAGE, Report, render
 from userli_postfix.config import Config, ConfigError, raw_values
 from userli_postfix.logs import LEVELS, JSONLinesObserver
 
@@ -49,8 +49,12 @@ def cliObserver(level: str, format: str, stream: IO[str]) -> ILogObserver:
 
 
 @defer.inlineCallbacks
-def execute(tools: Tools, words: tuple[str, ...]) -> Generator[Any, Any, Report]:
-    """Run one parsed command; close what it opened."""
+def execute(tools: Tools, name: str, words: tuple[str, ...]) -> Generator[Any, Any, Report]:
+    """
+    Run one parsed command and close what it opened.  A backend that fails
+    midway (Redis gone, a command timed out) ends the command with exit
+    status 1 and one line saying why, not a traceback.
+    """
     report: Report
     try:
         if words[0] == "check":
@@ -65,6 +69,8 @@ def execute(tools: Tools, words: tuple[str, ...]) -> Generator[Any, Any, Report]
             report = yield tools.cacheDrop(words[2], words[3])
         else:
             report = yield tools.cacheFlush(words[2] if len(words) > 2 else None)
+    except Exception as error:
+        report = Report(name, NOT_OK, {"error": f"{name}: {error}"})
     finally:
         yield tools.close()
     return report
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
     @defer.inlineCallbacks
     def once(reactor: Any) -> Generator[Any, Any, None]:
-        report = yield execute(tools, options.command())
+        report = yield execute(tools, options.commandName(), options.command())
         status = _write(report, as_json, sys.stdout, sys.stderr)
         if status:
             raise SystemExit(status)

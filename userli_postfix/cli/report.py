@@ -191,7 +191,8 @@ def render(report: Report, as_json: bool) -> tuple[str, str]:
     stderr = f"userli-postfix: {error}\n" if error else ""
     if as_json:
         return json.dumps(report.document(), sort_keys=True) + "\n", stderr
-    if error and report.status == USAGE:
+    if error:
+        # What the command could not do is said on stderr, once.
         return "", stderr
     lines = _FORMATS[report.command](report.data) if report.command in _FORMATS else []
     return "".join(line + "\n" for line in lines), stderr
