@@ -8,6 +8,7 @@ follows.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from tests.integration.harness import (
     socketmap_query,
 )
 from tests.integration.test_policy_redis import message, policy_query, wait_for_daemons
+from tests.integration.test_sentinel import MASTER_NAME, SentinelServer
 
 pytestmark = pytest.mark.integration
 
@@ -307,3 +309,25 @@ def test_redis_down_midway(tmp_path: Path, fake_userli: FakeUserliServer) -> Non
     assert result.stdout == ""
     assert result.stderr.startswith("userli-postfix: quota reset: Redis not reachable within")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("redis-sentinel") is None, reason="redis-sentinel missing")
+def test_check_names_the_sentinel_master(
+    tmp_path: Path, redis_server: RedisServer, fake_userli: FakeUserliServer
+) -> None:
+    """With Sentinels configured, C{check} shows the master they name, and reaches it."""
+    sentinel = SentinelServer(tmp_path / "sentinel", redis_server.port, quorum=1)
+    sentinel.start()
+    try:
+        env = {
+            "USERLI_TOKEN": TOKEN,
+            "USERLI_BASE_URL": fake_userli.url,
+            "REDIS_SENTINEL_ADDRS": f"127.0.0.1:{sentinel.port}",
+            "REDIS_SENTINEL_MASTER": MASTER_NAME,
+        }
+        status, document = cli_json(env, "check")
+        assert status == 0, document
+        assert document["redis"]["sentinel_master"] == f"127.0.0.1:{redis_server.port}"
+        assert document["redis"]["role"] == "master"
+    finally:
+        sentinel.stop()
