@@ -331,3 +331,21 @@ def test_check_names_the_sentinel_master(
         assert document["redis"]["role"] == "master"
     finally:
         sentinel.stop()
+
+
+def test_check_without_client_tracking(tmp_path: Path, fake_userli: FakeUserliServer) -> None:
+    """
+    A Redis whose C{CLIENT} command is renamed away: C{check} says client
+    tracking is not available, and why; Redis itself is still reached.
+    """
+    redis = RedisServer(tmp_path / "redis", arguments=["--rename-command", "CLIENT", ""])
+    redis.start()
+    try:
+        env = {"USERLI_TOKEN": TOKEN, "USERLI_BASE_URL": fake_userli.url, "REDIS_URL": redis.url}
+        status, document = cli_json(env, "check")
+        assert document["redis"]["ok"] is True
+        assert document["redis"]["tracking"]["ok"] is False
+        assert "unknown command" in document["redis"]["tracking"]["detail"].lower()
+        assert status == 0, document
+    finally:
+        redis.stop()
