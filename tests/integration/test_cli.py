@@ -349,3 +349,20 @@ def test_check_without_client_tracking(tmp_path: Path, fake_userli: FakeUserliSe
         assert status == 0, document
     finally:
         redis.stop()
+
+
+def test_check_fails_on_a_replica(
+    tmp_path: Path, redis_server: RedisServer, fake_userli: FakeUserliServer
+) -> None:
+    """C{REDIS_URL} naming a replica: C{check} fails, as the daemon could not write there."""
+    replica = RedisServer(
+        tmp_path / "replica", arguments=["--replicaof", "127.0.0.1", str(redis_server.port)]
+    )
+    replica.start()
+    try:
+        env = {"USERLI_TOKEN": TOKEN, "USERLI_BASE_URL": fake_userli.url, "REDIS_URL": replica.url}
+        result = cli(env, "check")
+        assert result.returncode == 1, result.stdout
+        assert "Redis is a replica (role slave)" in result.stdout
+    finally:
+        replica.stop()

@@ -33,7 +33,7 @@ from userli_postfix.ratelimit import (
     unix_ns,
     window_key,
 )
-from userli_postfix.redis import CONNECT_TIMEOUT, RedisClient
+from userli_postfix.redis import CONNECT_TIMEOUT, POOL_SIZE, RedisClient
 from userli_postfix.userli import Quota, UserliClient, UserliError
 
 log = Logger()
@@ -121,7 +121,6 @@ class Tools:
     The commands, built once per run from the checked configuration.
 
     @param request: C{treq}'s C{request}, for the Userli client.
-    @param redisFactory: makes a L{RedisClient} (tests pass their own).
     """
 
     def __init__(
@@ -130,7 +129,6 @@ class Tools:
         raw: dict[str, str | None],
         clock: IReactorTime,
         request: Callable[..., Any],
-        redisFactory: Callable[..., RedisClient] = RedisClient,
     ) -> None:
         self.config = config
         self.raw = raw
@@ -139,7 +137,6 @@ class Tools:
         self.client = UserliClient(
             request, config.userli_base_url, config.userli_token, clock, self.metrics
         )
-        self._redisFactory = redisFactory
         self._redis: RedisClient | None = None
 
     # Redis ------------------------------------------------------------
@@ -151,8 +148,7 @@ class Tools:
         it cannot connect within L{REDIS_CONNECT_DEADLINE}.
         """
         assert self.config.redis is not None
-        kwargs = {} if poolSize is None else {"poolSize": poolSize}
-        redis = self._redisFactory(self.config.redis, self.clock, **kwargs)
+        redis = RedisClient(self.config.redis, self.clock, poolSize=poolSize or POOL_SIZE)
         redis.start()
         give_up = self.clock.seconds() + REDIS_CONNECT_DEADLINE
         while not redis.connected:
@@ -250,6 +246,7 @@ class Tools:
 
     @defer.inlineCallbacks
     def _checkRedis(self) -> Generator[Any, Any, dict[str, Any]]:
+        """Reached (through the Sentinels, if any), a master, its version, client tracking."""
         target = self.config.redis
         if target is None:
             return {"configured": False, "ok": True}
@@ -273,7 +270,14 @@ class Tools:
         except Exception as error:
             result["error"] = str(error)
             return result
-        result.update(ok=True, version=info.get("redis_version"), role=replication.get("role"))
+        role = replication.get("role")
+        result.update(ok=True, version=info.get("redis_version"), role=role)
+        if role not in (None, "master"):
+            # The windows and the cache are written: a replica refuses that.
+            result.update(
+                ok=False,
+                error=f"Redis is a replica (role {role}): the daemon cannot write to it",
+            )
         result["tracking"] = yield self._checkTracking()
         return result
 
@@ -400,6 +404,8 @@ class Tools:
         key = window_key(identity)
         now = unix_ns(self.clock)
         members = yield redis.execute("ZRANGEBYSCORE", key, now - DAY_NS, "+inf", "WITHSCORES")
+        # Scores may come back as floats (a few hundred nanoseconds off):
+        # plenty for counting and for a time shown to the second.
         stamps = sorted(int(float(score)) for score in members[1::2])
         hour, day = counts(stamps, now)
         data["window"] = {"key": key, "hour": hour, "day": day}
