@@ -25,7 +25,7 @@ from tests.fake_userli import (
     FakeUserliResource,
     UserliData,
 )
-from userli_postfix.cli import execute, run
+from userli_postfix.cli import cliObserver, execute, run
 from userli_postfix.cli.commands import HIDDEN, Tools, shown_configuration, without_password
 from userli_postfix.cli.options import parse
 from userli_postfix.cli.postfix import postfix_address, postfix_lines, split_description
@@ -475,6 +475,23 @@ class CheckUserliTests(SynchronousTestCase):
         self.assertEqual(report.data["error"], "quota show: Redis not reachable within 3 s")
         self.assertEqual(closed, [True])
 
+    def test_lookupWithoutRedis(self) -> None:
+        """
+        Without Redis, C{lookup} still says what Userli answers, and that
+        the cache lives inside the daemon; exit 0 for OK, 1 for NOTFOUND.
+        """
+        tools, _, _ = self.tools()
+        d = tools.lookup("domain", "Example.org")
+        self.stub.flush()
+        report: Report = self.successResultOf(d)
+        self.assertEqual(report.status, OK)
+        self.assertEqual(report.data["normalised"], "example.org")
+        self.assertEqual(report.data["reply"], "OK 1")
+        self.assertIn("daemon's memory", report.data["cached"])
+        d = tools.lookup("mailbox", "nobody@example.org")
+        self.stub.flush()
+        self.assertEqual(self.successResultOf(d).status, NOT_OK)
+
     def test_commandsNeedingRedis(self) -> None:
         """Without REDIS_URL, the Redis commands exit 2 saying so."""
         tools, _, _ = self.tools()
@@ -488,3 +505,32 @@ class CheckUserliTests(SynchronousTestCase):
             self.assertEqual(report.status, USAGE)
             self.assertEqual(report.data["variable"], "REDIS_URL")
             self.assertIn("REDIS_URL is not set", report.data["error"])
+
+
+class LogTests(SynchronousTestCase):
+    """The command's log on stderr."""
+
+    def events(self, level: str) -> str:
+        from twisted.logger import Logger
+
+        stream = io.StringIO()
+        observer = cliObserver(level, "text", stream)
+        Logger(namespace="userli_postfix.cli.commands", observer=observer).info("reset done")
+        Logger(namespace="userli_postfix.redis", observer=observer).info("Using Redis")
+        Logger(namespace="userli_postfix.redis", observer=observer).warn("Redis trouble")
+        return stream.getvalue()
+
+    def test_commandEventsOnly(self) -> None:
+        """
+        What the command did is logged at C{info}; the daemon's modules
+        only from C{warn} up, so a command's output is not drowned.
+        """
+        text = self.events("info")
+        self.assertIn("reset done", text)
+        self.assertNotIn("Using Redis", text)
+        self.assertIn("Redis trouble", text)
+
+    def test_debugShowsAll(self) -> None:
+        """C{LOG_LEVEL=debug} shows everything; C{error} hides the command's own events."""
+        self.assertIn("Using Redis", self.events("debug"))
+        self.assertNotIn("reset done", self.events("error"))
