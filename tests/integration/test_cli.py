@@ -251,9 +251,11 @@ def test_check_fails(
     assert "FAILED" in result.stdout
     for token in (TOKEN, "wrong-secret-token"):
         assert token not in result.stdout + result.stderr
-    status, document = cli_json(env, "check")
-    assert status == 1
-    assert document["ok"] is False
+    json_result = cli(env, "check", "--json")
+    assert json_result.returncode == 1
+    assert json.loads(json_result.stdout)["ok"] is False
+    for token in (TOKEN, "wrong-secret-token"):
+        assert token not in json_result.stdout + json_result.stderr
 
 
 def test_configuration_errors(tmp_path: Path, fake_userli: FakeUserliServer) -> None:
