@@ -26,7 +26,8 @@ from tests.fake_userli import (
     UserliData,
 )
 from userli_postfix.cli import cliObserver, execute, run
-from userli_postfix.cli.commands import HIDDEN, Tools, shown_configuration, without_password
+from userli_postfix.cli.check import HIDDEN, check, shown_configuration, without_password
+from userli_postfix.cli.commands import Tools
 from userli_postfix.cli.options import parse
 from userli_postfix.cli.postfix import postfix_address, postfix_lines, split_description
 from userli_postfix.cli.report import NOT_OK, OK, USAGE, Report, duration, render
@@ -405,7 +406,7 @@ class CheckUserliTests(SynchronousTestCase):
         return tools, fake, clock
 
     def check(self, tools: Tools, clock: task.Clock | None = None) -> Report:
-        d = tools.check()
+        d = check(tools)
         self.stub.flush()
         if clock is not None:
             clock.advance(API_TIMEOUT)

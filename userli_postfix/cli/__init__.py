@@ -26,6 +26,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
+from userli_postfix.cli.check import check
 from userli_postfix.cli.commands import Tools
 from userli_postfix.cli.options import Options, parse
 from userli_postfix.cli.report import NOT_OK, USAGE, Report, render
@@ -58,7 +59,7 @@ def execute(tools: Tools, name: str, words: tuple[str, ...]) -> Generator[Any, A
     report: Report
     try:
         if words[0] == "check":
-            report = yield tools.check()
+            report = yield check(tools)
         elif words[0] == "lookup":
             report = yield tools.lookup(words[1], words[2])
         elif words[:2] == ("quota", "show"):

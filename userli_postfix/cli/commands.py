@@ -1,7 +1,8 @@
 """
-The operator's commands, on the daemon's own parts: the L{UserliClient},
-the L{RedisClient}, the Redis key layout (L{cache_key}, L{window_key}) and
-the key normalisers, so what a command shows is what the daemon sees.
+The operator's commands (C{check} is in L{userli_postfix.cli.check}) and
+their connections, on the daemon's own parts: the L{UserliClient}, the
+L{RedisClient}, the Redis key layout (L{cache_key}, L{window_key}) and the
+key normalisers, so what a command shows is what the daemon sees.
 
 Each command returns a L{Report}; nothing here writes to a terminal.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import getpass
 from collections.abc import Callable, Generator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import txredisapi
 from twisted.internet import defer, task
@@ -20,9 +20,8 @@ from twisted.logger import Logger
 
 from userli_postfix.addresses import normalise_address, normalise_domain
 from userli_postfix.cache import cache_key
-from userli_postfix.cli.postfix import postfix_lines
 from userli_postfix.cli.report import NOT_OK, OK, Report, usage_error, when
-from userli_postfix.config import API_TIMEOUT, LISTEN_VARIABLES, SETTINGS, Config
+from userli_postfix.config import Config
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import (
@@ -51,68 +50,9 @@ SCAN_COUNT = 1000
 # Every cached answer's key starts with this (the Go layout, see cache_key).
 LOOKUP_PREFIX = cache_key("", "").removesuffix(":")
 
-# The daemon's /ready asks for this domain: it can never exist.
-PROBE_DOMAIN = "health-check.invalid"
 
-# What the configuration shows instead of a secret.
-HIDDEN = "(set, not shown)"
-
-_SECRETS = ("USERLI_TOKEN", "REDIS_SENTINEL_PASSWORD")
-
-_MEANINGS = {
-    "200": "reached, the token is accepted",
-    "401": "HTTP 401: Userli refused the token (USERLI_TOKEN is wrong)",
-    "403": "HTTP 403: the token is valid but lacks the postfix scope",
-}
-
-
-def without_password(url: str) -> str:
-    """C{REDIS_URL} with its password replaced, for showing."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "(malformed, not shown)"
-    if password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def shown_configuration(raw: dict[str, str | None], config: Config) -> dict[str, str]:
-    """Every setting as the daemon sees it, secrets hidden."""
-    shown: dict[str, str] = {}
-    endpoints = {
-        "SOCKETMAP_LISTEN_ADDR": config.socketmap_listen,
-        "POLICY_LISTEN_ADDR": config.policy_listen,
-        "METRICS_LISTEN_ADDR": config.metrics_listen,
-        "SASL_LISTEN_ADDR": config.sasl_listen,
-    }
-    for setting in SETTINGS:
-        value = raw.get(setting.variable) or ""
-        if setting.variable in _SECRETS:
-            shown[setting.variable] = HIDDEN if value else ""
-        elif setting.variable == "REDIS_URL":
-            shown[setting.variable] = without_password(value) if value else ""
-        elif setting.variable in LISTEN_VARIABLES and endpoints[setting.variable]:
-            shown[setting.variable] = f"{value} ({endpoints[setting.variable]})"
-        else:
-            shown[setting.variable] = value
-    return shown
-
-
-def parse_info(text: str) -> dict[str, str]:
-    """The fields of an C{INFO} reply."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        name, colon, value = line.partition(":")
-        if colon and not name.startswith("#"):
-            fields[name.strip()] = value.strip()
-    return fields
-
-
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply as text."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -142,7 +82,7 @@ class Tools:
     # Redis ------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _connect(self, poolSize: int | None = None) -> Generator[Any, Any, RedisClient]:
+    def connect(self, poolSize: int | None = None) -> Generator[Any, Any, RedisClient]:
         """
         A started Redis client, once connected; fails with the reason when
         it cannot connect within L{REDIS_CONNECT_DEADLINE}.
@@ -164,7 +104,7 @@ class Tools:
     def redis(self) -> Generator[Any, Any, RedisClient]:
         """The shared Redis client of this run (connected on first use)."""
         if self._redis is None:
-            self._redis = yield self._connect()
+            self._redis = yield self.connect()
         assert self._redis is not None
         return self._redis
 
@@ -185,148 +125,6 @@ class Tools:
                 "REDIS_URL",
             )
         return None
-
-    # check ------------------------------------------------------------
-
-    @defer.inlineCallbacks
-    def check(self) -> Generator[Any, Any, Report]:
-        """The configuration, Userli, Redis and the Postfix lines."""
-        userli = yield self._checkUserli()
-        redis = yield self._checkRedis()
-        lines = postfix_lines(self.config)
-        ok = userli["ok"] and (redis["ok"] or not redis["configured"])
-        return Report(
-            "check",
-            OK if ok else NOT_OK,
-            {
-                "configuration": shown_configuration(self.raw, self.config),
-                "userli": userli,
-                "redis": redis,
-                "postfix": {
-                    "main.cf": lines.main_cf,
-                    "master.cf": lines.master_cf,
-                    "notes": lines.notes,
-                },
-            },
-        )
-
-    def _status(self) -> str | None:
-        """The HTTP status (or C{error}) of the last Userli call, from the client's metrics."""
-        for metric in self.metrics.http_client_requests.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total") and sample.value:
-                    return str(sample.labels["status_code"])
-        return None
-
-    @defer.inlineCallbacks
-    def _checkUserli(self) -> Generator[Any, Any, dict[str, Any]]:
-        result: dict[str, Any] = {"url": self.config.userli_base_url}
-        started = self.clock.seconds()
-        try:
-            yield self.client.domain(PROBE_DOMAIN)
-        except UserliError as error:
-            status = self._status()
-            message = str(error)
-            if status in _MEANINGS:
-                meaning = _MEANINGS[status]
-            elif self.clock.seconds() - started >= API_TIMEOUT:
-                # Timed out, whatever the transport made of the cancellation.
-                meaning = f"no answer within {API_TIMEOUT:g} s: Userli is not reachable (or hangs)"
-            elif status in (None, "error"):
-                meaning = f"not reachable: {message}"
-            else:
-                meaning = (
-                    f"unexpected answer ({message}): is USERLI_BASE_URL Userli itself, "
-                    "not a proxy or a login page?"
-                )
-            result.update(ok=False, status=status, meaning=meaning)
-            return result
-        result.update(ok=True, status="200", meaning=_MEANINGS["200"])
-        return result
-
-    @defer.inlineCallbacks
-    def _checkRedis(self) -> Generator[Any, Any, dict[str, Any]]:
-        """Reached (through the Sentinels, if any), a master, its version, client tracking."""
-        target = self.config.redis
-        if target is None:
-            return {"configured": False, "ok": True}
-        result: dict[str, Any] = {"configured": True, "ok": False}
-        if target.sentinels:
-            result["target"] = f"master {target.master_name!r} via Sentinels " + ",".join(
-                f"{host}:{port}" for host, port in target.sentinels
-            )
-            try:
-                host, port = yield self._sentinelMaster()
-                result["sentinel_master"] = f"{host}:{port}"
-            except Exception as error:
-                result["error"] = f"no master from the Sentinels: {error}"
-                return result
-        else:
-            result["target"] = without_password(self.raw.get("REDIS_URL") or "")
-        try:
-            redis = yield self.redis()
-            info = parse_info(_text((yield redis.execute("INFO", "server"))))
-            replication = parse_info(_text((yield redis.execute("INFO", "replication"))))
-        except Exception as error:
-            result["error"] = str(error)
-            return result
-        role = replication.get("role")
-        result.update(ok=True, version=info.get("redis_version"), role=role)
-        if role not in (None, "master"):
-            # The windows and the cache are written: a replica refuses that.
-            result.update(
-                ok=False,
-                error=f"Redis is a replica (role {role}): the daemon cannot write to it",
-            )
-        result["tracking"] = yield self._checkTracking()
-        return result
-
-    @defer.inlineCallbacks
-    def _sentinelMaster(self) -> Generator[Any, Any, tuple[str, int]]:
-        target = self.config.redis
-        assert target is not None
-        sentinel = txredisapi.Sentinel(
-            list(target.sentinels),
-            password=target.sentinel_password,
-            connectTimeout=CONNECT_TIMEOUT,
-            replyTimeout=CONNECT_TIMEOUT,
-        )
-        sentinel.discovery_timeout = REDIS_CONNECT_DEADLINE
-        try:
-            address = yield sentinel.discover_master(target.master_name)
-        finally:
-            yield sentinel.disconnect()
-        return (str(address[0]), int(address[1]))
-
-    @defer.inlineCallbacks
-    def _checkTracking(self) -> Generator[Any, Any, dict[str, Any]]:
-        """
-        Whether Redis does server-assisted client-side caching, tried the
-        way a daemon uses it (C{BCAST PREFIX userli:lookup:}) on a
-        connection of its own, redirected to itself, then turned off.
-        """
-        try:
-            own = yield self._connect(poolSize=1)
-        except ConnectionError as error:
-            return {"ok": False, "detail": str(error)}
-        try:
-            client_id = yield own.execute("CLIENT", "ID")
-            yield own.execute(
-                "CLIENT",
-                "TRACKING",
-                "on",
-                "REDIRECT",
-                client_id,
-                "BCAST",
-                "PREFIX",
-                LOOKUP_PREFIX,
-            )
-            yield own.execute("CLIENT", "TRACKING", "off")
-        except Exception as error:
-            return {"ok": False, "detail": _text(error)}
-        finally:
-            yield own.stop()
-        return {"ok": True}
 
     # lookup -----------------------------------------------------------
 
@@ -355,7 +153,7 @@ class Tools:
                 redis = yield self.redis()
                 value = yield redis.execute("GET", name)
                 ttl_ms = yield redis.execute("PTTL", name)
-                reply = None if value is None else _text(value)
+                reply = None if value is None else text(value)
                 ttl = None if int(ttl_ms) == -1 else max(int(ttl_ms), 0) / 1000.0
                 cached = {"key": name, "reply": reply, "ttl": ttl if reply is not None else None}
             except Exception as error:
@@ -364,7 +162,7 @@ class Tools:
             self.client, None, self.metrics, self.clock, self.config.recipient_delimiter
         )
         answer = yield defer.maybeDeferred(lookups.answer, f"{mapname} {key}".encode())
-        now = _text(answer).strip()
+        now = text(answer).strip()
         data["cached"] = cached
         data["userli"] = now
         if isinstance(cached, dict) and cached["reply"] is not None:
@@ -487,7 +285,7 @@ class Tools:
         removed = 0
         while True:
             reply = yield redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
-            cursor, names = _text(reply[0]), reply[1]
+            cursor, names = text(reply[0]), reply[1]
             if names:
                 removed += int((yield self._unlink(redis, names)))
             if cursor == "0":
