@@ -146,6 +146,23 @@ class RunTests(SynchronousTestCase):
         self.assertIsInstance(result, tuple)
         self.assertEqual(result[1].config.rate_limit_action, "DEFER")
 
+    def test_systemdListeners(self) -> None:
+        """
+        A socket passed in by systemd exists only in the daemon's process:
+        the command accepts it as written (the daemon checks it when it
+        starts), and C{check} notes that Postfix reaches it elsewhere.
+        Everything else is still checked.
+        """
+        environ = {"USERLI_TOKEN": "t", "POLICY_LISTEN_ADDR": "systemd:domain=INET:index=1"}
+        result, _, err = self.run_(["check"], environ)
+        self.assertIsInstance(result, tuple, err)
+        config = result[1].config
+        self.assertEqual(config.policy_listen, "systemd:domain=INET:index=1")
+        self.assertTrue(postfix_lines(config).notes[0].startswith("POLICY_LISTEN_ADDR"))
+        status, _, err = self.run_(["check"], {**environ, "SOCKETMAP_LISTEN_ADDR": "nonsense"})
+        self.assertEqual(status, USAGE)
+        self.assertIn("SOCKETMAP_LISTEN_ADDR", err)
+
     def test_usageError(self) -> None:
         """A bad command line exits 2 and points at C{--help}."""
         status, out, err = self.run_(["lookup", "nomap", "x"], {"USERLI_TOKEN": "t"})

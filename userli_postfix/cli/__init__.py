@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
+from dataclasses import replace
 from typing import IO, Any
 
 from twisted.internet import defer, task
@@ -86,6 +87,34 @@ def _write(report: Report, as_json: bool, stdout: IO[str], stderr: IO[str]) -> i
     return report.status
 
 
+# The listeners' fields of Config, by variable.
+_LISTENER_FIELDS = {
+    "SOCKETMAP_LISTEN_ADDR": "socketmap_listen",
+    "POLICY_LISTEN_ADDR": "policy_listen",
+    "METRICS_LISTEN_ADDR": "metrics_listen",
+    "SASL_LISTEN_ADDR": "sasl_listen",
+}
+
+
+def checked(raw: Mapping[str, str | None]) -> Config:
+    """
+    The configuration checked as the daemon checks it, except a socket
+    passed in by systemd (C{systemd:...}): it exists only in the daemon's
+    process, so here it is kept as written (C{check} says Postfix reaches
+    it at the address of the socket unit).
+
+    @raise ConfigError: naming the first variable that is wrong.
+    """
+    passed = {
+        name: (raw.get(name) or "").strip()
+        for name in _LISTENER_FIELDS
+        if (raw.get(name) or "").strip().startswith("systemd:")
+    }
+    config = Config.from_values({**raw, **{name: "tcp:0" for name in passed}})
+    fields: dict[str, Any] = {_LISTENER_FIELDS[name]: value for name, value in passed.items()}
+    return replace(config, **fields)
+
+
 def run(
     argv: list[str],
     environ: dict[str, str] | os._Environ[str],
@@ -104,7 +133,7 @@ def run(
         return USAGE
     raw = raw_values(environ, options.given())
     try:
-        config = Config.from_values(raw)
+        config = checked(raw)
     except ConfigError as error:
         report = Report(
             options.commandName(),
