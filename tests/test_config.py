@@ -520,6 +520,8 @@ class ConfigTests(SynchronousTestCase):
             "METRICS_LISTEN_ADDR": ":20002",
             "SASL_LISTEN_ADDR": ":20006",
             "RATE_LIMIT_MESSAGE": "Slow down",
+            "RATE_LIMIT_ACTION": "DEFER",
+            "RATE_LIMIT_IDENTITY": "sasl",
             "REDIS_URL": "redis://redis/2",
             "LOOKUP_CACHE_TTL": "1m",
             "QUOTA_CACHE_TTL": "2m",
@@ -562,6 +564,35 @@ class ConfigTests(SynchronousTestCase):
         config = Config.from_sources({**TOKEN, "RATE_LIMIT_MESSAGE": " \n "})
         self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
 
+    def test_rate_limit_action(self) -> None:
+        """
+        C{RATE_LIMIT_ACTION} is REJECT by default (the Go program's only
+        answer) and takes each access(5) action the policy may give, in any
+        case.
+        """
+        self.assertEqual(Config.from_sources(TOKEN).rate_limit_action, "REJECT")
+        for value, action in [
+            ("REJECT", "REJECT"),
+            ("defer", "DEFER"),
+            (" Defer_If_Permit ", "DEFER_IF_PERMIT"),
+            ("HOLD", "HOLD"),
+            ("warn", "WARN"),
+            ("", "REJECT"),
+        ]:
+            config = Config.from_sources({**TOKEN, "RATE_LIMIT_ACTION": value})
+            self.assertEqual(config.rate_limit_action, action, value)
+        self.assertEqual({s.variable: s.default for s in SETTINGS}["RATE_LIMIT_ACTION"], "REJECT")
+
+    def test_rate_limit_identity(self) -> None:
+        """
+        C{RATE_LIMIT_IDENTITY} is C{sasl_or_sender} by default (the Go
+        program's rule) and may be C{sasl}.
+        """
+        self.assertEqual(Config.from_sources(TOKEN).rate_limit_identity, "sasl_or_sender")
+        for value, identity in [("SASL", "sasl"), ("sasl_or_sender", "sasl_or_sender")]:
+            config = Config.from_sources({**TOKEN, "RATE_LIMIT_IDENTITY": value})
+            self.assertEqual(config.rate_limit_identity, identity)
+
     def test_zero_ttl(self) -> None:
         """C{LOOKUP_CACHE_TTL=0} is allowed: it turns the cache off."""
         config = Config.from_sources({**TOKEN, "LOOKUP_CACHE_TTL": "0"})
@@ -596,6 +627,9 @@ class ConfigTests(SynchronousTestCase):
             ("SASL_FAILURE_DELAY", "2"),
             ("LOG_LEVEL", "verbose"),
             ("LOG_FORMAT", "xml"),
+            ("RATE_LIMIT_ACTION", "DISCARD"),
+            ("RATE_LIMIT_ACTION", "REJECT 554"),
+            ("RATE_LIMIT_IDENTITY", "sender"),
         ]
         for variable, value in table:
             environ = {**TOKEN, variable: value}

@@ -596,6 +596,111 @@ class MessageTests(PolicyTestCase):
         )
 
 
+class ActionTests(PolicyTestCase):
+    """C{RATE_LIMIT_ACTION}: what a sender over quota gets, told apart in the metrics."""
+
+    def over_quota(self, action: str) -> list[str]:
+        """Four messages of C{limited@} (3 an hour) with C{action}: the answers."""
+        policy = QuotaPolicy(
+            self.client,
+            MemoryRateLimiter(self.clock),
+            self.clock,
+            self.metrics,
+            message="Slow down",
+            action=action,
+        )
+        answers = []
+        for _ in range(4):
+            result = policy.decide(
+                PolicyRequest(protocol_state="END-OF-MESSAGE", sasl_username="limited@example.org")
+            )
+            self.stub.flush()
+            answers.append(result if isinstance(result, str) else self.successResultOf(result))
+        return answers
+
+    def test_eachAction(self) -> None:
+        """
+        Each action is the access(5) answer followed by the message; the
+        messages within quota stay DUNNO; C{policy_requests_total} counts
+        the answer under the action's lower-case name, and
+        C{quota_exceeded_total} counts every decision over quota.
+        """
+        for number, action in enumerate(
+            ["REJECT", "DEFER", "DEFER_IF_PERMIT", "HOLD", "WARN"], start=1
+        ):
+            self.clock.advance(3601)
+            self.assertEqual(self.over_quota(action), ["DUNNO"] * 3 + [f"{action} Slow down"])
+            self.assertEqual(
+                self.sample("policy_requests_total", {"stage": "check", "action": action.lower()}),
+                1,
+                action,
+            )
+            self.assertEqual(self.sample("quota_exceeded_total"), number)
+        self.assertEqual(
+            self.sample("policy_requests_total", {"stage": "check", "action": "dunno"}), 15
+        )
+
+    def test_warnIsLogged(self) -> None:
+        """The log line of a decision over quota names the action."""
+        events: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.over_quota("WARN")
+        exceeded = [e for e in events if "Sending quota exceeded" in e.get("log_format", "")]
+        self.assertEqual(len(exceeded), 1)
+        self.assertEqual(exceeded[0]["action"], "WARN")
+
+
+class IdentityTests(PolicyTestCase):
+    """C{RATE_LIMIT_IDENTITY}: who is counted."""
+
+    def make(self, identity: str) -> QuotaPolicy:
+        return QuotaPolicy(
+            self.client,
+            self.limiter,
+            self.clock,
+            self.metrics,
+            identity=identity,
+        )
+
+    def decideWith(self, policy: QuotaPolicy, **attributes: str) -> str:
+        result = policy.decide(PolicyRequest(protocol_state="END-OF-MESSAGE", **attributes))
+        self.stub.flush()
+        return result if isinstance(result, str) else self.successResultOf(result)
+
+    def test_saslOnlyIgnoresSender(self) -> None:
+        """
+        With C{sasl}, a message without a login is DUNNO however often it
+        comes, nobody is asked and nothing is counted: a forged local
+        sender on port 25 cannot use up that user's quota.
+        """
+        policy = self.make("sasl")
+        answers = [self.decideWith(policy, sender="limited@example.org") for _ in range(5)]
+        self.assertEqual(answers, ["DUNNO"] * 5)
+        self.assertEqual(self.quota_calls(), [])
+        self.assertEqual(len(self.limiter), 0)
+        self.assertEqual(self.sample("quota_checks_total", {"result": "checked"}), 0)
+
+    def test_saslOnlyCountsLogins(self) -> None:
+        """With C{sasl}, an authenticated sender is counted and limited as before."""
+        policy = self.make("sasl")
+        answers = [
+            self.decideWith(policy, sasl_username="limited@example.org", sender="x@example.net")
+            for _ in range(4)
+        ]
+        self.assertEqual(answers[:3], ["DUNNO"] * 3)
+        self.assertTrue(answers[3].startswith("REJECT "))
+        self.assertEqual(set(self.quota_calls()), {"limited@example.org"})
+
+    def test_saslOrSenderCountsSender(self) -> None:
+        """With C{sasl_or_sender} (the default), the envelope sender is counted."""
+        policy = self.make("sasl_or_sender")
+        answers = [self.decideWith(policy, sender="limited@example.org") for _ in range(4)]
+        self.assertTrue(answers[3].startswith("REJECT "))
+
+
 class QuotaCacheTests(PolicyTestCase):
     """Quota answers are kept for C{QUOTA_CACHE_TTL}; identical requests in flight share a call."""
 
@@ -818,11 +923,12 @@ class MakePolicyFactoryTests(PolicyTestCase):
     """The factory the daemon listens with, built from the configuration."""
 
     def test_configuration(self) -> None:
-        """Delimiter, reject text and cache TTL come from the configuration."""
+        """Delimiter, reject text, action and cache TTL come from the configuration."""
         config = Config(
             userli_token="t",
             recipient_delimiter="-",
             rate_limit_message="Slow down",
+            rate_limit_action="DEFER",
             quota_cache_ttl=0.0,
         )
         factory = makePolicyFactory(config, self.clock, self.client, self.metrics, self.limiter)
@@ -833,9 +939,7 @@ class MakePolicyFactoryTests(PolicyTestCase):
         protocol.makeConnection(transport)
         protocol.dataReceived(end_of_message(sasl_username="limited-tag@example.org") * 4)
         self.stub.flush()
-        self.assertEqual(
-            transport.value(), b"action=DUNNO\n\n" * 3 + b"action=REJECT Slow down\n\n"
-        )
+        self.assertEqual(transport.value(), b"action=DUNNO\n\n" * 3 + b"action=DEFER Slow down\n\n")
         self.assertEqual(self.quota_calls(), ["limited@example.org"] * 4)
 
 
@@ -874,3 +978,16 @@ class ControlCharacterIdentityTests(PolicyTestCase):
         for identity in self.IDENTITIES:
             self.assertNotIn(identity, text)
             self.assertNotIn(repr(identity)[1:-1], text)
+
+    def test_identityFromConfiguration(self) -> None:
+        """C{RATE_LIMIT_IDENTITY=sasl} reaches the decision: a bare sender is not counted."""
+        config = Config(userli_token="t", rate_limit_identity="sasl", quota_cache_ttl=0.0)
+        factory = makePolicyFactory(config, self.clock, self.client, self.metrics, self.limiter)
+        protocol = factory.buildProtocol(ADDRESS)
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(end_of_message(sender="limited@example.org") * 4)
+        self.stub.flush()
+        self.assertEqual(transport.value(), b"action=DUNNO\n\n" * 4)
+        self.assertEqual(self.quota_calls(), [])

@@ -24,6 +24,7 @@ from userli_postfix.ratelimit import (
     HOUR_NS,
     KEY_TTL_SECONDS,
     MAX_KEPT,
+    NS_PER_SECOND,
     SCRIPT,
     SCRIPT_SHA,
     MemoryRateLimiter,
@@ -31,10 +32,13 @@ from userli_postfix.ratelimit import (
     RateLimitError,
     RedisRateLimiter,
     Verdict,
+    counts,
     exceeds,
     makeRateLimiter,
     members_kept,
+    next_allowed,
     random_suffix,
+    unix_ns,
     window_key,
 )
 from userli_postfix.redis import RedisClient, RedisUnavailable
@@ -360,6 +364,52 @@ class ExceedsTests(SynchronousTestCase):
         ]
         for quota, hour, day, expected in cases:
             self.assertEqual(exceeds(quota, hour, day), expected, (quota, hour, day))
+
+
+class NextAllowedTests(SynchronousTestCase):
+    """
+    L{counts} and L{next_allowed}, what C{userli-postfix quota show}
+    reports, checked against the memory limiter (the script's semantics).
+    """
+
+    def test_counts(self) -> None:
+        """The script's boundaries: 24 h old counts for the day, 1 h old not for the hour."""
+        now = 100 * DAY_NS
+        stamps = [now - DAY_NS - 1, now - DAY_NS, now - HOUR_NS, now - HOUR_NS + 1, now]
+        self.assertEqual(counts(stamps, now), (2, 4))
+
+    def test_allowedNow(self) -> None:
+        """Within quota, or unlimited: now."""
+        now = 100 * DAY_NS
+        self.assertEqual(next_allowed(Quota(3, 10), [now - 5, now - 4], now), now)
+        self.assertEqual(next_allowed(Quota(0, 0), [now - 1] * 50, now), now)
+
+    def test_agreesWithTheLimiter(self) -> None:
+        """
+        For hourly, daily and both limits: a sender who used them up (the
+        refused attempt counted too) is still refused a millisecond before
+        the time L{next_allowed} gives, and allowed a millisecond after.
+        """
+        for quota in (Quota(3, 0), Quota(0, 4), Quota(2, 5)):
+            for gap in (1, 60, 600):
+                clock = task.Clock()
+                clock.advance(1_700_000_000)
+                before, after = MemoryRateLimiter(clock), MemoryRateLimiter(clock)
+                stamps: list[int] = []
+                while True:
+                    stamps.append(unix_ns(clock))
+                    allowed = before.step("a@x", quota).allowed
+                    after.step("a@x", quota)
+                    if not allowed:
+                        break
+                    clock.advance(gap)
+                now = unix_ns(clock)
+                at = next_allowed(quota, stamps, now)
+                self.assertGreater(at, now, (quota, gap))
+                clock.advance((at - now) / NS_PER_SECOND - 0.001)
+                self.assertFalse(before.step("a@x", quota).allowed, (quota, gap))
+                clock.advance(0.002)
+                self.assertTrue(after.step("a@x", quota).allowed, (quota, gap))
 
 
 WRONGTYPE = "Operation against a key holding the wrong kind of value"

@@ -47,6 +47,18 @@ def _printable(text: str) -> bool:
     return text.isprintable()
 
 
+# The Postfix access(5) actions a sender over quota may get: REJECT (5xx,
+# the Go program's only answer), DEFER and DEFER_IF_PERMIT (4xx, the client
+# tries again later), HOLD (accepted into the hold queue for an admin) and
+# WARN (accepted, Postfix logs the text: a warn-only roll-out).
+RATE_LIMIT_ACTIONS = ("REJECT", "DEFER", "DEFER_IF_PERMIT", "HOLD", "WARN")
+# Whose messages are counted: only authenticated senders (``sasl``), or the
+# login else the envelope sender (``sasl_or_sender``, the Go program's rule,
+# which lets anyone who forges a local sender on port 25 use up that
+# user's quota).
+RATE_LIMIT_IDENTITIES = ("sasl", "sasl_or_sender")
+
+
 # Postfix's socketmap client gives up on a server after 100 s, and the
 # Go program bounds every API call by 5 s; the same bounds hold here.
 API_TIMEOUT = 5.0
@@ -376,7 +388,19 @@ SETTINGS: tuple[Setting, ...] = (
         "RATE_LIMIT_MESSAGE",
         "rate-limit-message",
         "Rate limit exceeded, please try again later",
-        "text after REJECT when a sender is over quota",
+        "text after RATE_LIMIT_ACTION when a sender is over quota",
+    ),
+    Setting(
+        "RATE_LIMIT_ACTION",
+        "rate-limit-action",
+        "REJECT",
+        "what a sender over quota gets: REJECT, DEFER, DEFER_IF_PERMIT, HOLD or WARN",
+    ),
+    Setting(
+        "RATE_LIMIT_IDENTITY",
+        "rate-limit-identity",
+        "sasl_or_sender",
+        "who is counted: sasl (authenticated senders only) or sasl_or_sender",
     ),
     Setting(
         "REDIS_URL", "redis-url", "", "redis://[user:password@]host:port/db (empty: in memory)"
@@ -479,6 +503,8 @@ class Config:
     metrics_listen: str = "tcp:10002"
     sasl_listen: str | None = None
     rate_limit_message: str = "Rate limit exceeded, please try again later"
+    rate_limit_action: str = "REJECT"
+    rate_limit_identity: str = "sasl_or_sender"
     redis: RedisTarget | None = None
     lookup_cache_ttl: float = 300.0
     quota_cache_ttl: float = 0.0
@@ -546,6 +572,18 @@ class Config:
         message = " ".join(
             "".join(c if _printable(c) else " " for c in get("RATE_LIMIT_MESSAGE")).split()
         )
+        action = get("RATE_LIMIT_ACTION").strip().upper() or "REJECT"
+        if action not in RATE_LIMIT_ACTIONS:
+            raise ConfigError(
+                "RATE_LIMIT_ACTION",
+                f"{get('RATE_LIMIT_ACTION')!r} is not one of {', '.join(RATE_LIMIT_ACTIONS)}",
+            )
+        identity = get("RATE_LIMIT_IDENTITY").strip().lower() or "sasl_or_sender"
+        if identity not in RATE_LIMIT_IDENTITIES:
+            raise ConfigError(
+                "RATE_LIMIT_IDENTITY",
+                f"{get('RATE_LIMIT_IDENTITY')!r} is not one of {', '.join(RATE_LIMIT_IDENTITIES)}",
+            )
         workers = _workers(get("WORKERS"), redis is not None)
 
         return cls(
@@ -557,6 +595,8 @@ class Config:
             metrics_listen=listen_endpoint("METRICS_LISTEN_ADDR", get("METRICS_LISTEN_ADDR")),
             sasl_listen=listen_endpoint("SASL_LISTEN_ADDR", sasl_addr) if sasl_addr else None,
             rate_limit_message=message or "Rate limit exceeded, please try again later",
+            rate_limit_action=action,
+            rate_limit_identity=identity,
             redis=redis,
             lookup_cache_ttl=_non_negative_duration("LOOKUP_CACHE_TTL", get("LOOKUP_CACHE_TTL")),
             quota_cache_ttl=_non_negative_duration("QUOTA_CACHE_TTL", get("QUOTA_CACHE_TTL")),

@@ -148,7 +148,9 @@ class Metrics:
             registry=r,
         )
         self.quota_exceeded = Counter(
-            f"{PREFIX}_quota_exceeded", "Messages rejected for an exceeded quota.", registry=r
+            f"{PREFIX}_quota_exceeded",
+            "Messages over their sender's quota, whatever RATE_LIMIT_ACTION did with them.",
+            registry=r,
         )
         self.quota_checks = Counter(
             f"{PREFIX}_quota_checks", "Quota checks by result.", ["result"], registry=r

@@ -215,12 +215,17 @@ class QuotaPolicy:
         delimiter: str = "",
         message: str = DEFAULT_REJECT_TEXT,
         cache_ttl: float = 0.0,
+        action: str = "REJECT",
+        identity: str = "sasl_or_sender",
     ) -> None:
         self._quotas = QuotaSource(client, clock, cache_ttl)
         self._limiter = limiter
         self._clock = clock
         self._delimiter = delimiter
-        self._reject = "REJECT " + (one_line(message) or DEFAULT_REJECT_TEXT)
+        # The access(5) answer for a sender over quota, and its metric label.
+        self._over = f"{action} {one_line(message) or DEFAULT_REJECT_TEXT}"
+        self._overLabel = action.lower()
+        self._saslOnly = identity == "sasl"
         self._checked = metrics.quota_checks.labels("checked")
         self._exceeded = metrics.quota_exceeded
         # Bound once: labels() is a dictionary lookup under a lock, and this
@@ -233,8 +238,8 @@ class QuotaPolicy:
             for stage, action in (
                 ("skip", "dunno"),
                 ("check", "dunno"),
-                ("check", "reject"),
                 ("check", "error"),
+                ("check", self._overLabel),
             )
         }
 
@@ -243,7 +248,7 @@ class QuotaPolicy:
         started = self._clock.seconds()
         if request.protocol_state != END_OF_MESSAGE:
             return self._done("skip", "dunno", started, DUNNO)
-        raw = request.sasl_username or request.sender
+        raw = self._identityOf(request)
         if not raw:
             return self._done("check", "dunno", started, DUNNO)
         identity = normalise_address(raw, self._delimiter)
@@ -262,6 +267,16 @@ class QuotaPolicy:
             errbackArgs=(identity, started),
         )
         return d.addErrback(self._bug, started)
+
+    def _identityOf(self, request: PolicyRequest) -> str:
+        """
+        Whose message this is: the login, else (unless only authenticated
+        senders count, C{RATE_LIMIT_IDENTITY=sasl}) the envelope sender,
+        which anyone can forge on port 25.
+        """
+        if self._saslOnly:
+            return request.sasl_username
+        return request.sasl_username or request.sender
 
     def _limit(self, quota: Quota, identity: str, started: float) -> str | defer.Deferred[str]:
         if quota.unlimited:
@@ -291,17 +306,20 @@ class QuotaPolicy:
                 per_day=quota.per_day,
             )
             return self._done("check", "dunno", started, DUNNO)
+        # Every decision over quota is counted, whatever the action does
+        # with the message; the action tells them apart in policy_requests.
         self._exceeded.inc()
         log.info(
             "Sending quota exceeded by {identity}: {hour}/{per_hour} this hour, "
-            "{day}/{per_day} today (0 = unlimited)",
+            "{day}/{per_day} today (0 = unlimited); answered {action}",
             identity=identity,
             hour=verdict.hour_count,
             per_hour=quota.per_hour,
             day=verdict.day_count,
             per_day=quota.per_day,
+            action=self._overLabel.upper(),
         )
-        return self._done("check", "reject", started, self._reject)
+        return self._done("check", self._overLabel, started, self._over)
 
     def _noQuota(
         self, failure: Failure, identity: str, started: float
@@ -438,5 +456,7 @@ def makePolicyFactory(
         delimiter=config.recipient_delimiter,
         message=config.rate_limit_message,
         cache_ttl=config.quota_cache_ttl,
+        action=config.rate_limit_action,
+        identity=config.rate_limit_identity,
     )
     return PolicyFactory(clock, policy, metrics)

@@ -190,6 +190,35 @@ def exceeds(quota: Quota, hour_count: int, day_count: int) -> bool:
     return (0 < quota.per_hour < hour_count) or (0 < quota.per_day < day_count)
 
 
+def counts(stamps: list[int], now: int) -> tuple[int, int]:
+    """
+    The (last hour, last day) counts of a window's sorted attempt times at
+    C{now}, with the script's boundaries: exactly 24 h old still counts for
+    the day, exactly 1 h old no longer counts for the hour.
+    """
+    day = len(stamps) - bisect_left(stamps, now - DAY_NS)
+    hour = len(stamps) - bisect_right(stamps, now - HOUR_NS)
+    return hour, day
+
+
+def next_allowed(quota: Quota, stamps: list[int], now: int) -> int:
+    """
+    When (unix nanoseconds, C{now} or later) the next attempt would be
+    allowed, given a window's sorted attempt times and no attempt before
+    then (every attempt counts, a refused one too, and pushes this back).
+    """
+    at = now
+    hour, day = counts(stamps, now)
+    if 0 < quota.per_hour <= hour:
+        # The attempt that must leave the hour for one more to fit.
+        oldest = stamps[len(stamps) - hour + (hour - quota.per_hour)]
+        at = max(at, oldest + HOUR_NS)
+    if 0 < quota.per_day <= day:
+        oldest = stamps[len(stamps) - day + (day - quota.per_day)]
+        at = max(at, oldest + DAY_NS + 1)
+    return at
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """The outcome of one step: allowed or not, and the counts it saw."""

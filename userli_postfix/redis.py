@@ -303,10 +303,14 @@ class RedisClient:
         clock: IReactorTime,
         commandTimeout: float = COMMAND_TIMEOUT,
         connection: Any = None,
+        poolSize: int = POOL_SIZE,
     ) -> None:
         self.target = target
         self.clock = clock
         self.commandTimeout = commandTimeout
+        # One connection when every command must reach the same one (a
+        # per-connection setting such as CLIENT TRACKING).
+        self.poolSize = poolSize
         self._connection = connection
         self._sentinel: Any = None
         self._tracker: _Tracker | None = None
@@ -351,7 +355,7 @@ class RedisClient:
                 t.master_name,
                 factory_class=_MasterFactory,
                 dbid=t.db,
-                poolsize=POOL_SIZE,
+                poolsize=self.poolSize,
                 password=t.password,
                 username=t.username,
                 replyTimeout=reply_timeout,
@@ -382,7 +386,7 @@ class RedisClient:
                 convertNumbers=True,
                 username=t.username,
             )
-            factory = _Factory(uuid, t.db, POOL_SIZE, **options)
+            factory = _Factory(uuid, t.db, self.poolSize, **options)
             factory.startConnecting(endpoint)
             self._connection = factory.handler
             if tracker is not None:

@@ -30,6 +30,7 @@ temporary directory, made traversable.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import socketserver
@@ -39,6 +40,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -443,6 +445,18 @@ class PostfixInstance:
             timeout=STARTUP_DEADLINE,
             check=False,
         ).stdout
+
+    def queued(self) -> list[dict[str, Any]]:
+        """C{postqueue -j}: one JSON object per queued message (C{queue_name}, C{sender}, ...)."""
+        postqueue = postfix_command("postqueue") or "postqueue"
+        output = subprocess.run(
+            [postqueue, "-c", str(self.config_directory), "-j"],
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_DEADLINE,
+            check=False,
+        ).stdout
+        return [json.loads(line) for line in output.splitlines() if line.strip()]
 
     def __enter__(self) -> PostfixInstance:
         self.start()

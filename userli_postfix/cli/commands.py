@@ -1,0 +1,321 @@
+"""
+The operator's commands (C{check} is in L{userli_postfix.cli.check}) and
+their connections, on the daemon's own parts: the L{UserliClient}, the
+L{RedisClient}, the Redis key layout (L{cache_key}, L{window_key}) and the
+key normalisers, so what a command shows is what the daemon sees.
+
+Each command returns a L{Report}; nothing here writes to a terminal.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Callable, Generator
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from userli_postfix.addresses import normalise_address, normalise_domain
+from userli_postfix.cache import cache_key
+from userli_postfix.cli.report import NOT_OK, OK, Report, usage_error, when
+from userli_postfix.config import Config
+from userli_postfix.lookups import Lookups
+from userli_postfix.metrics import Metrics
+from userli_postfix.ratelimit import (
+    DAY_NS,
+    NS_PER_SECOND,
+    counts,
+    next_allowed,
+    unix_ns,
+    window_key,
+)
+from userli_postfix.redis import CONNECT_TIMEOUT, POOL_SIZE, RedisClient
+from userli_postfix.userli import Quota, UserliClient, UserliError
+
+log = Logger()
+
+# The socketmap maps the daemon serves (see L{Lookups}).
+MAPS = ("alias", "domain", "mailbox", "senders")
+
+# How long a command waits for its Redis connection before it says Redis
+# cannot be reached: a little longer than one connection attempt.
+REDIS_CONNECT_DEADLINE = CONNECT_TIMEOUT + 1.0
+
+# Keys asked for per SCAN step, and removed per UNLINK.
+SCAN_COUNT = 1000
+
+# Every cached answer's key starts with this (the Go layout, see cache_key).
+LOOKUP_PREFIX = cache_key("", "").removesuffix(":")
+
+
+def text(value: Any) -> str:
+    """A Redis reply as text."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class Tools:
+    """
+    The commands, built once per run from the checked configuration.
+
+    @param request: C{treq}'s C{request}, for the Userli client.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        raw: dict[str, str | None],
+        clock: IReactorTime,
+        request: Callable[..., Any],
+    ) -> None:
+        self.config = config
+        self.raw = raw
+        self.clock = clock
+        self.metrics = Metrics(process=False)
+        self.client = UserliClient(
+            request, config.userli_base_url, config.userli_token, clock, self.metrics
+        )
+        self._redis: RedisClient | None = None
+
+    # Redis ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def connect(self, poolSize: int | None = None) -> Generator[Any, Any, RedisClient]:
+        """
+        A started Redis client, once connected; fails with the reason when
+        it cannot connect within L{REDIS_CONNECT_DEADLINE}.
+        """
+        assert self.config.redis is not None
+        redis = RedisClient(self.config.redis, self.clock, poolSize=poolSize or POOL_SIZE)
+        redis.start()
+        give_up = self.clock.seconds() + REDIS_CONNECT_DEADLINE
+        while not redis.connected:
+            if self.clock.seconds() >= give_up:
+                yield redis.stop()
+                raise ConnectionError(
+                    f"Redis not reachable within {REDIS_CONNECT_DEADLINE:g} s ({redis!r})"
+                )
+            yield task.deferLater(self.clock, 0.05, lambda: None)
+        return redis
+
+    @defer.inlineCallbacks
+    def redis(self) -> Generator[Any, Any, RedisClient]:
+        """The shared Redis client of this run (connected on first use)."""
+        if self._redis is None:
+            self._redis = yield self.connect()
+        assert self._redis is not None
+        return self._redis
+
+    @defer.inlineCallbacks
+    def close(self) -> Generator[Any, Any, None]:
+        """Close the Redis connections."""
+        if self._redis is not None:
+            redis, self._redis = self._redis, None
+            yield redis.stop()
+
+    def needsRedis(self, command: str) -> Report | None:
+        """The usage error of a command that needs Redis when there is none."""
+        if self.config.redis is None:
+            return usage_error(
+                command,
+                f"{command}: needs Redis, and REDIS_URL is not set (without Redis the "
+                "cache and the quota windows live inside the daemon's memory)",
+                "REDIS_URL",
+            )
+        return None
+
+    # lookup -----------------------------------------------------------
+
+    def normalise(self, mapname: str, key: str) -> str | None:
+        """The key as the daemon asks Userli for it; C{None} when it never would."""
+        if mapname == "domain":
+            return normalise_domain(key)
+        return normalise_address(key, self.config.recipient_delimiter)
+
+    @defer.inlineCallbacks
+    def lookup(self, mapname: str, key: str) -> Generator[Any, Any, Report]:
+        """What Postfix would get for (map, key): the cached answer, else Userli's."""
+        data: dict[str, Any] = {
+            "map": mapname,
+            "key": key,
+            "normalised": self.normalise(mapname, key),
+        }
+        cached: dict[str, Any] | str
+        if self.config.lookup_cache_ttl <= 0:
+            cached = "off (LOOKUP_CACHE_TTL=0)"
+        elif self.config.redis is None:
+            cached = "in the daemon's memory (no REDIS_URL), not visible here"
+        else:
+            name = cache_key(mapname, key)
+            try:
+                redis = yield self.redis()
+                value = yield redis.execute("GET", name)
+                ttl_ms = yield redis.execute("PTTL", name)
+                reply = None if value is None else text(value)
+                ttl = None if int(ttl_ms) == -1 else max(int(ttl_ms), 0) / 1000.0
+                cached = {"key": name, "reply": reply, "ttl": ttl if reply is not None else None}
+            except Exception as error:
+                cached = f"Redis not reachable ({error}): the daemon would ask Userli"
+        lookups = Lookups(
+            self.client, None, self.metrics, self.clock, self.config.recipient_delimiter
+        )
+        answer = yield defer.maybeDeferred(lookups.answer, f"{mapname} {key}".encode())
+        now = text(answer).strip()
+        data["cached"] = cached
+        data["userli"] = now
+        if isinstance(cached, dict) and cached["reply"] is not None:
+            data["reply"] = cached["reply"]
+        else:
+            data["reply"] = now
+        return Report("lookup", OK if data["reply"].startswith("OK") else NOT_OK, data)
+
+    # quota ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def quotaShow(self, address: str) -> Generator[Any, Any, Report]:
+        """A sender's limits, its windows, and when its next message is accepted."""
+        command = "quota show"
+        missing = self.needsRedis(command)
+        if missing is not None:
+            return missing
+        identity = normalise_address(address, self.config.recipient_delimiter)
+        data: dict[str, Any] = {"address": address, "identity": identity}
+        if identity is None:
+            return Report(command, NOT_OK, data)
+        status = OK
+        quota: Quota | None = None
+        data["limits_error"] = None
+        try:
+            quota = yield self.client.smtp_quota(identity)
+        except UserliError as error:
+            data["limits_error"] = str(error)
+            status = NOT_OK
+        else:
+            if quota is None:
+                status = NOT_OK
+        data["limits"] = (
+            None if quota is None else {"per_hour": quota.per_hour, "per_day": quota.per_day}
+        )
+        redis = yield self.redis()
+        key = window_key(identity)
+        now = unix_ns(self.clock)
+        members = yield redis.execute("ZRANGEBYSCORE", key, now - DAY_NS, "+inf", "WITHSCORES")
+        # Scores may come back as floats (a few hundred nanoseconds off):
+        # plenty for counting and for a time shown to the second.
+        stamps = sorted(int(float(score)) for score in members[1::2])
+        hour, day = counts(stamps, now)
+        data["window"] = {"key": key, "hour": hour, "day": day}
+        data["next_accepted"] = None
+        data["next_accepted_in"] = None
+        if quota is not None:
+            at = next_allowed(quota, stamps, now)
+            data["next_accepted"] = _iso(at)
+            data["next_accepted_in"] = (at - now) / NS_PER_SECOND
+        return Report(command, status, data)
+
+    @defer.inlineCallbacks
+    def quotaReset(self, address: str) -> Generator[Any, Any, Report]:
+        """Forget a sender's windows: its next message is counted from zero."""
+        command = "quota reset"
+        missing = self.needsRedis(command)
+        if missing is not None:
+            return missing
+        identity = normalise_address(address, self.config.recipient_delimiter)
+        data: dict[str, Any] = {"address": address, "identity": identity}
+        if identity is None:
+            return Report(command, NOT_OK, data)
+        redis = yield self.redis()
+        key = window_key(identity)
+        counted = yield redis.execute("ZCARD", key)
+        removed = yield redis.execute("DEL", key)
+        data.update(key=key, counted=int(counted), removed=bool(removed))
+        if removed:
+            log.info(
+                "Sending-quota windows of {identity} reset by {user} "
+                "({counted} attempts forgotten)",
+                identity=identity,
+                user=_user(),
+                counted=int(counted),
+            )
+        return Report(command, OK if removed else NOT_OK, data)
+
+    # cache ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def cacheDrop(self, mapname: str, key: str) -> Generator[Any, Any, Report]:
+        """
+        Drop the cached answer of (map, key), and of its normalised form
+        (what Postfix sends for most keys), so the next lookup asks Userli.
+        """
+        command = "cache drop"
+        missing = self.needsRedis(command)
+        if missing is not None:
+            return missing
+        keys = [cache_key(mapname, key)]
+        normalised = self.normalise(mapname, key)
+        if normalised is not None and normalised != key:
+            keys.append(cache_key(mapname, normalised))
+        redis = yield self.redis()
+        removed = []
+        for name in keys:
+            if (yield redis.execute("DEL", name)):
+                removed.append(name)
+        if removed:
+            log.info(
+                "Cached answers {keys} dropped by {user}", keys=", ".join(removed), user=_user()
+            )
+        return Report(command, OK if removed else NOT_OK, {"keys": keys, "removed": removed})
+
+    @defer.inlineCallbacks
+    def cacheFlush(self, mapname: str | None) -> Generator[Any, Any, Report]:
+        """
+        Drop every cached answer (of one map): C{SCAN} by pattern and
+        C{UNLINK} what it finds, a batch at a time, so Redis never blocks
+        on one huge command (no C{KEYS}).
+        """
+        command = "cache flush"
+        missing = self.needsRedis(command)
+        if missing is not None:
+            return missing
+        pattern = cache_key(mapname, "*") if mapname else LOOKUP_PREFIX + "*"
+        redis = yield self.redis()
+        cursor = "0"
+        removed = 0
+        while True:
+            reply = yield redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+            cursor, names = text(reply[0]), reply[1]
+            if names:
+                removed += int((yield self._unlink(redis, names)))
+            if cursor == "0":
+                break
+        log.info(
+            "{removed} cached answers matching {pattern} dropped by {user}",
+            removed=removed,
+            pattern=pattern,
+            user=_user(),
+        )
+        return Report(command, OK, {"pattern": pattern, "removed": removed})
+
+    @staticmethod
+    def _unlink(redis: RedisClient, names: list[Any]) -> defer.Deferred[Any]:
+        """UNLINK (frees memory in the background); DEL on a Redis older than 4."""
+
+        def old(failure: Any) -> defer.Deferred[Any]:
+            failure.trap(txredisapi.ResponseError)
+            return redis.execute("DEL", *names)
+
+        return redis.execute("UNLINK", *names).addErrback(old)
+
+
+def _iso(unix_ns_value: int) -> str:
+    return when(unix_ns_value / NS_PER_SECOND)
+
+
+def _user() -> str:
+    """Who ran the command, for the log."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown user"
