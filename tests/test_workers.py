@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -550,3 +551,47 @@ class AdoptedEndpointTests(SynchronousTestCase):
         self.assertEqual(reactor.adopted, [(fd, socket.AF_UNIX, factory)])
         self.assertEqual(port.fileno(), fd)
         self.assertRaises(OSError, os.fstat, fd)
+
+
+class SlowToStop(Service):
+    """A service (like the worker pool) whose stop completes when the test says."""
+
+    def __init__(self) -> None:
+        self.stopped: defer.Deferred[None] = defer.Deferred()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self.stopped
+
+
+class ParallelStopTests(SynchronousTestCase):
+    """L{DaemonService.stopService} drains while the worker processes stop."""
+
+    def test_drains_while_children_stop(self) -> None:
+        """
+        The first process closes its idle connections and finishes its
+        in-flight ones while its children are still stopping, instead of
+        only once they are gone; the stop completes when both are done.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from userli_postfix import daemon, tap
+
+        reactor = MemoryReactorClock()
+        config = Config.from_sources({"USERLI_TOKEN": "t"})
+        service: Any = tap.makeService({"config": config}, reactor=reactor)
+        children = SlowToStop()
+        children.setServiceParent(service)
+        service.startService()
+        factory = service.getServiceNamed("socketmap").factory
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        d = service.stopService()
+        self.assertTrue(transport.disconnecting, "idle connection closed at once")
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertNoResult(d)
+        reactor.advance(daemon.SHUTDOWN_GRACE)
+        children.stopped.callback(None)
+        self.successResultOf(d)
