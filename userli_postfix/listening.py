@@ -86,7 +86,12 @@ def describe(description: str) -> TCPListen | UNIXListen | None:
     socket, or C{None} for anything else (a socket passed in by systemd,
     for instance).
     """
-    endpoint = serverFromString(_RecordingReactor(), description)
+    try:
+        endpoint = serverFromString(_RecordingReactor(), description)
+    except Exception:
+        # Not for this reactor (systemd's sockets are looked up as the
+        # endpoint is made); the real endpoint reports any real error.
+        return None
     outcome: list[Any] = []
     endpoint.listen(_NoFactory()).addBoth(outcome.append)
     if outcome and isinstance(outcome[0], Failure) and isinstance(outcome[0].value, _Recorded):
