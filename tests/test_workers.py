@@ -524,7 +524,9 @@ class AdoptedEndpointTests(SynchronousTestCase):
         fd = os.dup(parent.fileno())
         reactor = AdoptingReactor()
         request = TCPListen(0, "127.0.0.1", 50)
-        port = self.successResultOf(AdoptedEndpoint(reactor, fd, request).listen(object()))  # type: ignore[arg-type]
+        port: Any = self.successResultOf(
+            AdoptedEndpoint(reactor, fd, request).listen(object())  # type: ignore[arg-type]
+        )
         own = socket.socket(fileno=port.fileno())
         self.addCleanup(own.close)
         self.assertEqual(own.getsockname(), parent.getsockname())
@@ -545,7 +547,7 @@ class AdoptedEndpointTests(SynchronousTestCase):
         fd = os.dup(listening.fileno())
         reactor = FakeProcessReactor()
         factory = object()
-        port = self.successResultOf(
+        port: Any = self.successResultOf(
             AdoptedEndpoint(reactor, fd, UNIXListen(path, 50)).listen(factory)  # type: ignore[arg-type]
         )
         self.assertEqual(reactor.adopted, [(fd, socket.AF_UNIX, factory)])
