@@ -12,6 +12,7 @@ import gc
 import os
 import sys
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -142,14 +143,12 @@ class DaemonService(MultiService):
         try:
             super().privilegedStartService()
         except CannotListen as failure:
-            # What the operator needs is which setting and why; twistd would
-            # print the traceback of an exception instead (and log it).
             log.critical("{message}", message=str(failure))
-            stderr = sys.__stderr__
-            if stderr is not None:
-                stderr.write(f"userli-postfix: {failure}\n")
-                stderr.flush()
-            raise SystemExit(1) from None
+            _oneLineWhenUncaught(failure)
+            # Raised, not turned into SystemExit: in daemon mode twistd
+            # reports an exception to the process waiting for the start-up
+            # (and removes the pid file); SystemExit would leave it waiting.
+            raise
 
     def startService(self) -> None:
         if self._redis is not None:
@@ -174,6 +173,27 @@ class DaemonService(MultiService):
         if self._redis is not None:
             yield self._redis.stop()
         log.info("Stopped")
+
+
+def _oneLineWhenUncaught(failure: CannotListen) -> None:
+    """
+    Have C{failure}, should it end the process, print as the one line that
+    names the setting and why (exit status 1) rather than as the traceback
+    Python prints for an uncaught exception.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if value is not failure:
+            previous(kind, value, tb)
+            return
+        # twistd's log observer may still stand in for sys.stderr.
+        stderr = sys.__stderr__
+        if stderr is not None:
+            stderr.write(f"userli-postfix: {failure}\n")
+            stderr.flush()
+
+    sys.excepthook = hook
 
 
 def build(config: Config, reactor: Any, given: Mapping[str, str | None]) -> DaemonService:

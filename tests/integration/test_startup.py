@@ -172,6 +172,36 @@ class TestRefusesToStart:
         ], stderr
         assert "Traceback" not in result.stdout.decode()
 
+    def test_port_in_use_daemon_mode(
+        self, tmp_path: Path, listen_env: dict[str, str | None]
+    ) -> None:
+        """
+        In twistd's daemon mode (no C{-n}) a taken address ends start-up
+        too: twistd reports it to the waiting command (naming the variable),
+        which exits 1, and no pid file is left behind.
+        """
+        with socket.create_server(("127.0.0.1", 0)) as holder:
+            port = holder.getsockname()[1]
+            listen_env["SOCKETMAP_LISTEN_ADDR"] = f"127.0.0.1:{port}"
+            command = [
+                argument
+                for argument in twistd_command(f"--pidfile={tmp_path / 'pid'}")
+                if argument not in ("-n", "--pidfile=")
+            ]
+            command.append(command.pop(command.index("userli-postfix")))
+            result = subprocess.run(
+                command,
+                env=daemon_environment(listen_env),
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        assert result.returncode == 1
+        assert "SOCKETMAP_LISTEN_ADDR: cannot listen" in result.stderr.decode()
+        assert not (tmp_path / "pid").exists()
+
 
 class TestCommandLine:
     """twistd's view of the plugin: help, options over the environment."""
