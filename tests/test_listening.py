@@ -135,3 +135,45 @@ class ListeningServiceTests(SynchronousTestCase):
         with self.assertRaises(CannotListen) as caught:
             service.privilegedStartService()
         self.assertTrue(str(caught.exception).endswith(": address already in use"))
+
+
+class TLSTests(SynchronousTestCase):
+    """An C{ssl:} listener shared by worker processes stays TLS."""
+
+    def test_ssl_described_and_wrapped(self) -> None:
+        """
+        C{ssl:} gives the port, interface and TLS context; the per-process
+        socket then serves the factory wrapped in TLS, as Twisted's own SSL
+        port does.
+        """
+        import os
+        import shutil
+        import tempfile
+
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from tests.certificates import self_signed
+        from userli_postfix.listening import ReusePortEndpoint
+
+        certificate, key = self_signed()
+        directory = tempfile.mkdtemp()
+        pem = os.path.join(directory, "server.pem")
+        with open(pem, "wb") as f:
+            f.write(key + certificate)
+        self.addCleanup(shutil.rmtree, directory)
+        request = describe(f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}")
+        assert isinstance(request, TCPListen)
+        self.assertEqual((request.port, request.interface), (0, "127.0.0.1"))
+        self.assertIsNotNone(request.contextFactory)
+
+        adopted: list[Any] = []
+
+        class Reactor:
+            def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:
+                adopted.append(factory)
+                return object()
+
+        factory = object()
+        self.successResultOf(ReusePortEndpoint(Reactor(), request).listen(factory))  # type: ignore[arg-type]
+        self.assertIsInstance(adopted[0], TLSMemoryBIOFactory)
+        self.assertIs(adopted[0].wrappedFactory, factory)
