@@ -127,30 +127,24 @@ class AdoptedEndpoint:
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         inherited = socket.socket(fileno=self._fd)
+        family = inherited.family
+        if isinstance(self._request, TCPListen) and family in (socket.AF_INET, socket.AF_INET6):
+            # The parent's socket only tells where; this process listens on
+            # a socket of its own.
+            with inherited:
+                address = tuple(inherited.getsockname())
+            return ReusePortEndpoint(self._reactor, self._request, address, check=False).listen(
+                factory
+            )
+        inherited.detach()
         try:
-            family = inherited.family
-            if isinstance(self._request, TCPListen) and family in (
-                socket.AF_INET,
-                socket.AF_INET6,
-            ):
-                address = inherited.getsockname()
-                inherited.close()
-                return ReusePortEndpoint(
-                    self._reactor, self._request, tuple(address), check=False
-                ).listen(factory)
-            inherited.detach()
-            try:
-                port = self._reactor.adoptStreamPort(self._fd, family, factory)
-            except Exception:
-                return defer.fail()
-            finally:
-                # The reactor works on its own duplicate.
-                os.close(self._fd)
-            return defer.succeed(port)
-        except BaseException:
-            if inherited.fileno() != -1:
-                inherited.close()
-            raise
+            port = self._reactor.adoptStreamPort(self._fd, family, factory)
+        except Exception:
+            return defer.fail()
+        finally:
+            # The reactor works on its own duplicate.
+            os.close(self._fd)
+        return defer.succeed(port)
 
 
 @implementer(IStreamServerEndpoint)
