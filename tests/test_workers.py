@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -23,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import userli_postfix
 from userli_postfix.config import MAX_WORKERS, Config, ConfigError
+from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen
 from userli_postfix.workers import (
     LISTENERS_VARIABLE,
     METRICS_VARIABLE,
@@ -32,9 +34,10 @@ from userli_postfix.workers import (
     RecordingEndpoint,
     WorkerPool,
     _removeMetrics,
-    acceptOneAtATime,
     childEnvironment,
+    forgetProcess,
     inheritedListeners,
+    sharedEndpoint,
 )
 
 
@@ -308,17 +311,44 @@ class WorkerPoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
-    def test_dead_child_gauges_dropped(self) -> None:
-        """The live gauges of a child that ended no longer count on /metrics."""
+    def test_dead_child_metrics_dropped(self) -> None:
+        """
+        Every metrics file of a child that ended is removed (its live gauges
+        through prometheus-client's C{mark_process_dead}); other processes'
+        files stay.
+        """
         self.start()
         process = self.reactor.spawned[0]["process"]
-        gauge = self.directory / f"gauge_livesum_{process.pid}.db"
-        counter = self.directory / f"counter_{process.pid}.db"
-        gauge.write_bytes(b"")
-        counter.write_bytes(b"")
+        other = self.reactor.spawned[1]["process"]
+        names = [
+            f"gauge_livesum_{process.pid}.db",
+            f"counter_{process.pid}.db",
+            f"histogram_{process.pid}.db",
+            f"counter_{other.pid}.db",
+            f"counter_1{process.pid}.db",
+        ]
+        for name in names:
+            (self.directory / name).write_bytes(b"")
         process.end()
-        self.assertFalse(gauge.exists())
-        self.assertTrue(counter.exists(), "counts of a dead child still add up")
+        self.assertEqual(sorted(p.name for p in self.directory.iterdir()), sorted(names[3:]))
+
+    def test_crashing_child_leaves_no_pile(self) -> None:
+        """
+        A child that dies again and again (each replacement writing its
+        metrics files) leaves no more files behind than the live processes
+        have.
+        """
+        self.start()
+        for _ in range(20):
+            victim = self.reactor.spawned[-1]["process"]
+            (self.directory / f"counter_{victim.pid}.db").write_bytes(b"")
+            (self.directory / f"gauge_livesum_{victim.pid}.db").write_bytes(b"")
+            victim.end()
+            self.reactor.advance(RESPAWN_DELAY)
+        live = {child.pid for child in self.pool.children}
+        left = {int(p.stem.rsplit("_", 1)[1]) for p in self.directory.iterdir()}
+        self.assertLessEqual(left, live)
+        self.assertEqual(len(self.pool.children), 2)
 
 
 class MetricsCleanupTests(SynchronousTestCase):
@@ -341,71 +371,229 @@ class MetricsCleanupTests(SynchronousTestCase):
         self.assertFalse(directory.exists())
 
 
-class AdoptedEndpointTests(SynchronousTestCase):
-    """L{AdoptedEndpoint} serves an inherited listening socket."""
+class ForgetProcessTests(SynchronousTestCase):
+    """L{forgetProcess} with prometheus-client's own files."""
 
-    def test_adopts(self) -> None:
-        """The socket is handed to the reactor with its family; our copy is closed."""
-        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listening.bind(("127.0.0.1", 0))
+    def test_real_files(self) -> None:
+        """
+        The files prometheus-client writes for a process (a counter and a
+        live gauge here, made in a subprocess in multiprocess mode) are all
+        gone after L{forgetProcess}: fails if prometheus-client names its
+        files differently.
+        """
+        import subprocess
+        import sys
+
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        script = (
+            "import os; from prometheus_client import Counter, Gauge; "
+            "Counter('c', 'c').inc(); Gauge('g', 'g', multiprocess_mode='livesum').inc(); "
+            "print(os.getpid())"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, METRICS_VARIABLE: str(directory)},
+            capture_output=True,
+            check=True,
+        )
+        pid = int(result.stdout)
+        self.assertEqual(len(list(directory.iterdir())), 2)
+        forgetProcess(directory, pid)
+        self.assertEqual(list(directory.iterdir()), [])
+
+
+class AdoptingReactor(FakeProcessReactor):
+    """Adopts like the real reactor: on a duplicate of the descriptor, kept open."""
+
+    def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:
+        self.adopted.append((fd, family, factory))
+        own = os.dup(fd)
+        return FakePort(own)
+
+
+def listening(family: int = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0) if family == socket.AF_INET else ("::1", 0))
+    sock.listen(1)
+    return sock
+
+
+class ReusePortTests(SynchronousTestCase):
+    """Worker processes' TCP listeners: one C{SO_REUSEPORT} socket each."""
+
+    def setUp(self) -> None:
+        self.reactor = AdoptingReactor()
+
+    def listen(self, endpoint: Any) -> socket.socket:
+        """The socket the reactor was given to serve (a duplicate, closed at cleanup)."""
+        port = self.successResultOf(endpoint.listen(object()))
+        sock = socket.socket(fileno=port.fileno())
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_processes_share_the_port(self) -> None:
+        """
+        The first process's socket and a second one on the same address
+        both listen, and the kernel spreads connections over them.
+        """
+        first = self.listen(ReusePortEndpoint(self.reactor, TCPListen(0, "127.0.0.1", 50)))
+        address = first.getsockname()
+        second = self.listen(
+            ReusePortEndpoint(self.reactor, TCPListen(0, "127.0.0.1", 50), address, check=False)
+        )
+        self.assertEqual(second.getsockname(), address)
+        clients = []
+        for _ in range(64):
+            client = socket.create_connection(address)
+            self.addCleanup(client.close)
+            clients.append(client)
+        accepted = []
+        for sock in (first, second):
+            sock.setblocking(False)
+            count = 0
+            while True:
+                try:
+                    connection, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                connection.close()
+                count += 1
+            accepted.append(count)
+        self.assertEqual(sum(accepted), 64)
+        self.assertTrue(all(accepted), accepted)
+
+    def test_port_in_use(self) -> None:
+        """An address another program listens on is refused: address already in use."""
+        other = listening()
+        self.addCleanup(other.close)
+        port = other.getsockname()[1]
+        failure = self.failureResultOf(
+            ReusePortEndpoint(self.reactor, TCPListen(port, "127.0.0.1", 50)).listen(object())  # type: ignore[arg-type]
+        )
+        from userli_postfix.listening import reason
+
+        self.assertEqual(reason(failure.value), "address already in use")
+
+    def test_second_daemon_refused(self) -> None:
+        """
+        A second daemon on the same address fails as it would without
+        C{SO_REUSEPORT}, instead of joining the first one's group.
+        """
+        first = self.listen(ReusePortEndpoint(self.reactor, TCPListen(0, "127.0.0.1", 50)))
+        port = first.getsockname()[1]
+        self.failureResultOf(
+            ReusePortEndpoint(self.reactor, TCPListen(port, "127.0.0.1", 50)).listen(object())  # type: ignore[arg-type]
+        )
+
+    def test_ipv6(self) -> None:
+        """An IPv6 interface gets an IPv6 socket."""
+        try:
+            probe = listening(socket.AF_INET6)
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        probe.close()
+        sock = self.listen(ReusePortEndpoint(self.reactor, TCPListen(0, "::1", 50)))
+        self.assertEqual(sock.family, socket.AF_INET6)
+        self.assertEqual(sock.getsockname()[0], "::1")
+
+    def test_shared_endpoint(self) -> None:
+        """The parent shares TCP listeners by C{SO_REUSEPORT}, the rest as described."""
+        self.assertIsInstance(
+            sharedEndpoint(self.reactor, "tcp:10001:interface=127.0.0.1"), ReusePortEndpoint
+        )
+        self.assertNotIsInstance(
+            sharedEndpoint(self.reactor, "unix:/run/x.sock"), ReusePortEndpoint
+        )
+
+
+class AdoptedEndpointTests(SynchronousTestCase):
+    """L{AdoptedEndpoint}: how a child serves what it inherited."""
+
+    def test_tcp_own_socket(self) -> None:
+        """
+        For a TCP listener the child binds a socket of its own to the
+        inherited socket's address (port 0 resolved included) and closes
+        the inherited descriptor.
+        """
+        parent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        parent.bind(("127.0.0.1", 0))
+        parent.listen(1)
+        self.addCleanup(parent.close)
+        fd = os.dup(parent.fileno())
+        reactor = AdoptingReactor()
+        request = TCPListen(0, "127.0.0.1", 50)
+        port: Any = self.successResultOf(
+            AdoptedEndpoint(reactor, fd, request).listen(object())  # type: ignore[arg-type]
+        )
+        own = socket.socket(fileno=port.fileno())
+        self.addCleanup(own.close)
+        self.assertEqual(own.getsockname(), parent.getsockname())
+        self.assertNotEqual(
+            os.fstat(own.fileno()).st_ino, os.fstat(parent.fileno()).st_ino, "a socket of its own"
+        )
+        self.assertEqual(own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+
+    def test_unix_shared(self) -> None:
+        """A UNIX socket is served as inherited: the parent's socket itself."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "s.sock")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening.bind(path)
         listening.listen(1)
         self.addCleanup(listening.close)
         fd = os.dup(listening.fileno())
         reactor = FakeProcessReactor()
         factory = object()
-        port = self.successResultOf(AdoptedEndpoint(reactor, fd).listen(factory))  # type: ignore[arg-type]
-        self.assertEqual(reactor.adopted, [(fd, socket.AF_INET, factory)])
+        port: Any = self.successResultOf(
+            AdoptedEndpoint(reactor, fd, UNIXListen(path, 50)).listen(factory)  # type: ignore[arg-type]
+        )
+        self.assertEqual(reactor.adopted, [(fd, socket.AF_UNIX, factory)])
         self.assertEqual(port.fileno(), fd)
         self.assertRaises(OSError, os.fstat, fd)
 
 
-class AcceptOneAtATimeTests(SynchronousTestCase):
-    """L{acceptOneAtATime}: a shared port takes one connection per wake-up."""
+class SlowToStop(Service):
+    """A service (like the worker pool) whose stop completes when the test says."""
 
-    def listen(self, onePerWakeUp: bool) -> tuple[Any, list[Any], tuple[str, int]]:
-        from twisted.internet import reactor
-        from twisted.internet.protocol import Factory, Protocol
+    def __init__(self) -> None:
+        self.stopped: defer.Deferred[None] = defer.Deferred()
 
-        built: list[Any] = []
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self.stopped
 
-        class Recording(Factory):
-            def buildProtocol(self, addr: Any) -> Protocol:
-                built.append(addr)
-                return Protocol()
 
-        port: Any = reactor.listenTCP(0, Recording(), interface="127.0.0.1")  # type: ignore[attr-defined]
-        # Driven by hand below, not by the reactor (which does not run here).
-        port.stopReading()
-        self.addCleanup(port.connectionLost, None)
-        if onePerWakeUp:
-            acceptOneAtATime(port)
-        address = port.getHost()
-        return port, built, (address.host, address.port)
+class ParallelStopTests(SynchronousTestCase):
+    """L{DaemonService.stopService} drains while the worker processes stop."""
 
-    def pending(self, address: tuple[str, int], count: int) -> None:
-        """Open C{count} connections the kernel has queued, not yet accepted."""
-        for _ in range(count):
-            client = socket.create_connection(address)
-            self.addCleanup(client.close)
+    def test_drains_while_children_stop(self) -> None:
+        """
+        The first process closes its idle connections and finishes its
+        in-flight ones while its children are still stopping, instead of
+        only once they are gone; the stop completes when both are done.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-    def test_one_per_wake_up(self) -> None:
-        """Three queued connections take three wake-ups, even after a busy round."""
-        port, built, address = self.listen(onePerWakeUp=True)
-        self.pending(address, 3)
-        for expected in (1, 2, 3):
-            port.doRead()
-            self.assertEqual(len(built), expected)
-            self.assertEqual(port.numberAccepts, 1)
+        from userli_postfix import daemon, tap
 
-    def test_twisted_default_takes_the_burst(self) -> None:
-        """Without it, one wake-up takes everything queued (what this changes)."""
-        port, built, address = self.listen(onePerWakeUp=False)
-        self.pending(address, 3)
-        port.doRead()
-        self.assertEqual(len(built), 3)
-
-    def test_fake_ports_left_alone(self) -> None:
-        """A port without an accept loop (a test double) is not touched."""
-        port = FakePort(0)
-        acceptOneAtATime(port)
-        self.assertIs(type(port), FakePort)
+        reactor = MemoryReactorClock()
+        config = Config.from_sources({"USERLI_TOKEN": "t"})
+        service: Any = tap.makeService({"config": config}, reactor=reactor)
+        children = SlowToStop()
+        children.setServiceParent(service)
+        service.startService()
+        factory = service.getServiceNamed("socketmap").factory
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        d = service.stopService()
+        self.assertTrue(transport.disconnecting, "idle connection closed at once")
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertNoResult(d)
+        reactor.advance(daemon.SHUTDOWN_GRACE)
+        children.stopped.callback(None)
+        self.successResultOf(d)

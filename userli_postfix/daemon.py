@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
+import sys
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -22,11 +22,12 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from userli_postfix import __version__, workers
+from userli_postfix import __version__, metricsdir, signals, workers
 from userli_postfix.cache import CACHE_PREFIX, LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import Config
 from userli_postfix.httpclient import KeepAlivePool, ReusedEndpoints, keepAliveRequester
 from userli_postfix.listeners import LimitedFactory
+from userli_postfix.listening import CannotListen, ListeningService, describe
 from userli_postfix.logs import daemonObserver, withoutCredentials
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
@@ -55,6 +56,15 @@ HTTP_POOL_IDLE_PER_HOST = 256
 # /ready stay with the parent.
 SHARED_LISTENERS = ("socketmap", "policy", "sasl")
 
+# The setting each listener comes from, for the one line a failure to
+# listen prints.
+LISTENER_VARIABLES = {
+    "socketmap": "SOCKETMAP_LISTEN_ADDR",
+    "policy": "POLICY_LISTEN_ADDR",
+    "sasl": "SASL_LISTEN_ADDR",
+    "http": "METRICS_LISTEN_ADDR",
+}
+
 
 class DaemonService(MultiService):
     """
@@ -70,6 +80,7 @@ class DaemonService(MultiService):
         pool: KeepAlivePool,
         redis: RedisClient | None,
         inherited: dict[str, int] | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__()
         self._clock = clock
@@ -77,6 +88,7 @@ class DaemonService(MultiService):
         self._pool = pool
         self._redis = redis
         self._inherited = inherited
+        self._workers = workers
         self._factories: list[LimitedFactory] = []
         self._descriptions: dict[str, str] = {}
         # The listening ports worker processes share, once open.
@@ -91,25 +103,26 @@ class DaemonService(MultiService):
 
     def addListener(self, name: str, description: str, factory: Any) -> None:
         """
-        Listen on C{description}; a failure to listen stops start-up.  A
-        worker process (see L{workers}) serves the sockets it inherited
-        instead, and only those.
+        Listen on C{description}; a failure to listen stops start-up with
+        one line naming the variable.  Worker processes (see L{workers})
+        share the socketmap, policy and SASL listeners: the first process
+        opens them in a way its children can share, and a child serves those
+        and only those.
         """
         endpoint: Any
         if self._inherited is not None:
             if name not in self._inherited:
                 return
-            endpoint = workers.AdoptedEndpoint(self._clock, self._inherited[name])
-        elif name in SHARED_LISTENERS:
+            endpoint = workers.AdoptedEndpoint(
+                self._clock, self._inherited[name], describe(description)
+            )
+        elif name in SHARED_LISTENERS and self._workers > 1:
             endpoint = workers.RecordingEndpoint(
-                serverFromString(self._clock, description), name, self.ports
+                workers.sharedEndpoint(self._clock, description), name, self.ports
             )
         else:
             endpoint = serverFromString(self._clock, description)
-        service = StreamServerEndpointService(endpoint, factory)
-        # Without this a port already in use is only logged and the daemon
-        # runs without that listener.
-        service._raiseSynchronously = True
+        service = ListeningService(endpoint, factory, LISTENER_VARIABLES[name], description)
         service.setName(name)
         service.setServiceParent(self)
         self._descriptions[name] = description
@@ -123,27 +136,19 @@ class DaemonService(MultiService):
         if self._inherited is None:
             for description in self._descriptions.values():
                 removeStaleSocket(description)
-        self._catchEarlySignals()
-        super().privilegedStartService()
-
-    def _catchEarlySignals(self) -> None:
-        """
-        The listeners accept from here on, but twistd installs its signal
-        handlers only when the reactor runs; a SIGTERM in between (a
-        supervisor or a test that stops the daemon as soon as it answers)
-        would kill the process outright.  Until Twisted's own handlers
-        replace this one, such a signal asks for the usual graceful stop.
-        """
         from twisted.internet import reactor
 
-        if self._clock is not reactor:
-            return
-
-        def stopWhenRunning(number: int, frame: Any) -> None:
-            reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
-
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, stopWhenRunning)
+        if self._clock is reactor:
+            signals.install(reactor)
+        try:
+            super().privilegedStartService()
+        except CannotListen as failure:
+            log.critical("{message}", message=str(failure))
+            _oneLineWhenUncaught(failure)
+            # Raised, not turned into SystemExit: in daemon mode twistd
+            # reports an exception to the process waiting for the start-up
+            # (and removes the pid file); SystemExit would leave it waiting.
+            raise
 
     def startService(self) -> None:
         if self._redis is not None:
@@ -155,22 +160,40 @@ class DaemonService(MultiService):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         self.running = 0
+        # Everything at once: the listeners stop accepting, the worker
+        # processes are told to stop, and this process drains its own
+        # connections while they drain theirs, so the whole stop takes the
+        # grace at most, however many processes there are.
         yield defer.DeferredList(
-            [defer.maybeDeferred(s.stopService) for s in reversed(list(self))],
+            [defer.maybeDeferred(s.stopService) for s in reversed(list(self))]
+            + [factory.drain(SHUTDOWN_GRACE) for factory in self._factories],
             consumeErrors=True,
-        )
-        yield defer.DeferredList(
-            [factory.drain(SHUTDOWN_GRACE) for factory in self._factories], consumeErrors=True
         )
         yield self._pool.closeCachedConnections()
         if self._redis is not None:
             yield self._redis.stop()
         log.info("Stopped")
-        # twistd re-raises the signal that stopped the reactor once it is
-        # done, which makes a clean SIGTERM/SIGINT shutdown exit with
-        # -15/-2; after a graceful drain the right status is 0.
-        if getattr(self._clock, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            self._clock._exitSignal = None  # type: ignore[attr-defined]
+
+
+def _oneLineWhenUncaught(failure: CannotListen) -> None:
+    """
+    Have C{failure}, should it end the process, print as the one line that
+    names the setting and why (exit status 1) rather than as the traceback
+    Python prints for an uncaught exception.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if value is not failure:
+            previous(kind, value, tb)
+            return
+        # twistd's log observer may still stand in for sys.stderr.
+        stderr = sys.__stderr__
+        if stderr is not None:
+            stderr.write(f"userli-postfix: {failure}\n")
+            stderr.flush()
+
+    sys.excepthook = hook
 
 
 def build(
@@ -193,7 +216,8 @@ def build(
     inherited = workers.inheritedListeners()
     metricsDirectory = None
     if config.workers > 1 and inherited is None:
-        metricsDirectory = workers.enableMultiprocessMetrics()
+        # Chosen while the options were read (see L{metricsdir}).
+        metricsDirectory = metricsdir.current() or metricsdir.prepare(str(config.workers))
     metrics = Metrics()
 
     pool = KeepAlivePool(ReusedEndpoints(reactor, connectTimeout=5), HTTP_POOL_IDLE_PER_HOST)
@@ -233,7 +257,7 @@ def build(
         )
 
     lookups = Lookups(client, cache, metrics, reactor, config.recipient_delimiter)
-    daemon = DaemonService(reactor, observer, pool, redis, inherited)
+    daemon = DaemonService(reactor, observer, pool, redis, inherited, workers=config.workers)
     limiter = makeRateLimiter(config, reactor, redis, metrics)
     daemon.addListener(
         "socketmap", config.socketmap_listen, SocketmapFactory(reactor, lookups, metrics)

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from userli_postfix import __version__, notls
+from userli_postfix import __version__, metricsdir, notls
 from userli_postfix.config import SETTINGS, Config, ConfigError, raw_values, uses_tls
 
 # The daemon and everything it runs on (txredisapi, klein, ...), imported
@@ -42,6 +42,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         raw = raw_values(os.environ, self.given())
+        # Before anything imports prometheus-client (see L{metricsdir}).
+        metricsdir.prepare(raw["WORKERS"])
         if not uses_tls(raw):
             notls.loadWithoutTLS(DAEMON_MODULES)
         self.config = Config.from_values(raw)

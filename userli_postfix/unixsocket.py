@@ -17,8 +17,9 @@ import os
 import socket
 import stat
 
-from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
+
+from userli_postfix.listening import UNIXListen, describe
 
 log = Logger()
 
@@ -27,11 +28,8 @@ def socketPath(description: str) -> str | None:
     """The file a C{unix:} endpoint description listens on, else C{None}."""
     if not description.startswith("unix:"):
         return None
-    endpoint = serverFromString(None, description)  # type: ignore[arg-type]
-    if not isinstance(endpoint, UNIXServerEndpoint):
-        return None
-    address = endpoint._address
-    return address.decode() if isinstance(address, bytes) else address
+    request = describe(description)
+    return request.path if isinstance(request, UNIXListen) else None
 
 
 def isDead(path: str) -> bool:

@@ -1,25 +1,33 @@
 """
 Worker processes: with C{WORKERS=N} the daemon runs N processes that serve
-the same listening sockets, so it can use more than one core.
+the same listeners, so it can use more than one core.
 
 The parent is the process twistd started.  It listens as usual, then starts
 N-1 children, each a fresh C{twistd -n userli-postfix} with the same
-configuration, that inherit the listening sockets as file descriptors and
-adopt them instead of listening themselves.  Every process accepts
-connections from the same sockets; the kernel hands each new connection to
-one of them.
+configuration, that inherit the parent's listening sockets as file
+descriptors (see L{AdoptedEndpoint}):
+
+ - A TCP listener is one socket per process, all bound to the same address
+   with C{SO_REUSEPORT}: the kernel spreads new connections evenly over
+   them, and each process accepts from its own queue.
+ - A UNIX socket (which C{SO_REUSEPORT} does not balance) is the parent's
+   one socket, served by every process: each waits on the shared accept
+   queue, and the process the kernel wakes first takes the connection, so
+   the busier a process, the fewer it takes.
+
+More:
 
  - Only the parent serves C{/metrics}, C{/health} and C{/ready}.  Metrics
    are kept in prometheus-client's multiprocess mode, in a private directory
-   the parent creates and removes: counters and histograms add up over
-   every process (those of a child that died included), connection gauges
-   add up over the live ones.
+   the parent creates (L{metricsdir}) and removes: counters and histograms
+   add up over the live processes, and so do connection gauges; the files
+   of a process that ended are removed.
  - A child watches a pipe from the parent (its standard input): when the
    parent goes away, however it went, the child stops serving and exits.
- - SIGTERM to the parent stops everything gracefully: the parent tells each
-   child to stop (SIGTERM), every process stops accepting and lets
-   in-flight requests finish, and the parent waits for its children (and
-   kills those that outstay the grace period).
+ - SIGTERM to the parent stops everything gracefully and in parallel: the
+   parent tells each child to stop (SIGTERM) as it stops accepting itself,
+   every process lets its in-flight requests finish within the grace, and
+   the parent kills the children that outstay it.
  - A child that dies while the daemon runs is replaced after a pause.
 
 More than one worker needs C{REDIS_URL} (checked in L{userli_postfix.config}):
@@ -33,13 +41,13 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import abstract, defer, error, fdesc
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -47,25 +55,30 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import userli_postfix
+from userli_postfix import metricsdir
 from userli_postfix.config import SETTINGS
+from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen, describe
 
 log = Logger()
 
 #: Set by the parent in each child's environment: which inherited file
 #: descriptor is which listener, e.g. C{socketmap=3,policy=4}.  Its presence
 #: is what makes a process a child.
-LISTENERS_VARIABLE = "USERLI_POSTFIX_INHERITED_LISTENERS"
+LISTENERS_VARIABLE = metricsdir.LISTENERS_VARIABLE
 
-#: prometheus-client's own variable: where every process keeps its metrics.
-METRICS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+#: prometheus-client's own variable: where every process keeps its metrics
+#: (chosen by L{metricsdir.prepare}).
+METRICS_VARIABLE = metricsdir.METRICS_VARIABLE
 
 # The first file descriptor a child gets a listening socket on (0, 1 and 2
 # are the pipe from the parent, standard output and standard error).
 FIRST_FD = 3
 
 # How long the parent waits for its children at shutdown beyond their own
-# grace period for in-flight requests, before it kills them.
-STOP_MARGIN = 5.0
+# grace period for in-flight requests, before it kills them: every process
+# drains at the same time, so the whole stop takes the grace and this at
+# most (8 + 1 s), within the 10 s a container runtime waits before SIGKILL.
+STOP_MARGIN = 1.0
 
 # Pause before a child that died is replaced, so a child that cannot start
 # does not spin.
@@ -93,18 +106,37 @@ def inheritedListeners(environ: Mapping[str, str] = os.environ) -> dict[str, int
 @implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
     """
-    An endpoint whose listening socket already exists: a file descriptor
-    inherited from the parent.
+    In a child: serve a listener whose socket the parent handed down as a
+    file descriptor.
+
+    A TCP listener (C{request} given) gets a socket of its own, bound with
+    C{SO_REUSEPORT} to the address the parent's socket has (so a port 0 the
+    parent was given stays the same), and the kernel spreads connections
+    over the processes' sockets.  Anything else (a UNIX socket, which
+    C{SO_REUSEPORT} does not balance; a socket from systemd) is served on
+    the parent's very socket: every process waits on the one accept queue
+    and whichever the kernel wakes first takes the connection.
     """
 
-    def __init__(self, reactor: Any, fd: int) -> None:
+    def __init__(
+        self, reactor: Any, fd: int, request: TCPListen | UNIXListen | None = None
+    ) -> None:
         self._reactor = reactor
         self._fd = fd
+        self._request = request
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
-        probe = socket.socket(fileno=self._fd)
-        family = probe.family
-        probe.detach()
+        inherited = socket.socket(fileno=self._fd)
+        family = inherited.family
+        if isinstance(self._request, TCPListen) and family in (socket.AF_INET, socket.AF_INET6):
+            # The parent's socket only tells where; this process listens on
+            # a socket of its own.
+            with inherited:
+                address = tuple(inherited.getsockname())
+            return ReusePortEndpoint(self._reactor, self._request, address, check=False).listen(
+                factory
+            )
+        inherited.detach()
         try:
             port = self._reactor.adoptStreamPort(self._fd, family, factory)
         except Exception:
@@ -112,39 +144,7 @@ class AdoptedEndpoint:
         finally:
             # The reactor works on its own duplicate.
             os.close(self._fd)
-        acceptOneAtATime(port)
         return defer.succeed(port)
-
-
-class _OneAtATime:
-    """Mixed into a listening port: one C{accept} each time it is readable."""
-
-    @property
-    def numberAccepts(self) -> int:
-        return 1
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        """Twisted raises the number after a busy round; it stays 1."""
-
-
-def acceptOneAtATime(port: Any) -> None:
-    """
-    Make a shared listening port take one new connection per wake-up.
-
-    Every process is woken when a connection arrives on a socket they
-    share, but Twisted's port accepts up to 100 at a time: the first
-    process to run takes a whole burst, which is how a load generator or a
-    restarted Postfix (all its smtpd processes reconnecting at once) ends
-    up with 49 of 50 connections on one worker and the other core idle.
-    Taking one at a time lets the processes share out a burst, and a busy
-    process, slower to come back for the next, takes fewer.  Connections
-    to Postfix's maps are long-lived, so the accept rate this costs never
-    matters.
-    """
-    if hasattr(type(port), "numberAccepts") or not hasattr(port, "numberAccepts"):
-        return
-    port.__class__ = type(type(port).__name__, (_OneAtATime, type(port)), {})
 
 
 @implementer(IStreamServerEndpoint)
@@ -162,29 +162,23 @@ class RecordingEndpoint:
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         def record(port: IListeningPort) -> IListeningPort:
             self._ports[self._name] = port
-            acceptOneAtATime(port)
             return port
 
         return self._endpoint.listen(factory).addCallback(record)
 
 
-def enableMultiprocessMetrics() -> Path:
+def sharedEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """
-    Switch prometheus-client to multiprocess mode for this process and the
-    children it will start, in a new private directory.
-
-    Must run before any metric is created.  The directory is removed when
-    the process exits.
+    The parent's endpoint for a listener its children serve too: for TCP a
+    socket with C{SO_REUSEPORT} (each child then opens its own on the same
+    address, see L{AdoptedEndpoint}), for anything else the endpoint as
+    described, whose socket the children inherit.
     """
-    from prometheus_client import values
-
-    directory = Path(tempfile.mkdtemp(prefix="userli-postfix-metrics-"))
-    os.environ[METRICS_VARIABLE] = str(directory)
-    # prometheus-client picks its value class when it is imported, which
-    # twistd did long before the options were read; pick it again.
-    values.ValueClass = values.get_value_class()
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    return directory
+    request = describe(description)
+    if isinstance(request, TCPListen):
+        return ReusePortEndpoint(reactor, request)
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint
 
 
 def aggregatedRegistry() -> Any:
@@ -315,9 +309,7 @@ class WorkerPool(Service):
     def _ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
         self.children.pop(protocol, None)
         if self._metricsDirectory is not None and protocol.pid is not None:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(protocol.pid, str(self._metricsDirectory))
+            forgetProcess(self._metricsDirectory, protocol.pid)
         if self._stopping:
             if not self.children:
                 waiting, self._allEnded = self._allEnded, []
@@ -434,6 +426,25 @@ class ParentWatch(Service):
             self._reactor.stop()
         except error.ReactorNotRunning:
             pass
+
+
+def forgetProcess(directory: Path, pid: int) -> None:
+    """
+    Drop the metrics of the ended process C{pid}: its live gauges through
+    prometheus-client's C{mark_process_dead}, and then its other files, so
+    that a worker that keeps crashing (and is replaced every
+    L{RESPAWN_DELAY}) does not leave a file per type and per attempt
+    behind, each read again by every scrape.
+
+    The counters and histograms of C{/metrics} then lose that process's
+    share; Prometheus reads the drop as a counter reset, as it does for a
+    restart of the daemon.
+    """
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, str(directory))
+    for path in directory.glob(f"*_{pid}.db"):
+        path.unlink(missing_ok=True)
 
 
 def _removeMetrics(directory: Path, pids: tuple[int, ...]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.integration.harness import (
     free_port,
     postmap,
     run_daemon,
+    twistd_command,
 )
 from userli_postfix.config import SETTINGS
 
@@ -133,14 +135,75 @@ class TestRefusesToStart:
         assert status != 0
         assert fake_userli.requests() == []
 
-    def test_port_in_use(self, tmp_path: Path, listen_env: dict[str, str | None]) -> None:
-        """A listen address that is taken stops start-up (no daemon without its socketmap)."""
+    @pytest.mark.parametrize(
+        ("variable", "workers"),
+        [
+            ("SOCKETMAP_LISTEN_ADDR", "1"),
+            ("METRICS_LISTEN_ADDR", "1"),
+            ("SOCKETMAP_LISTEN_ADDR", "2"),
+            ("POLICY_LISTEN_ADDR", "2"),
+        ],
+    )
+    def test_port_in_use(
+        self, tmp_path: Path, listen_env: dict[str, str | None], variable: str, workers: str
+    ) -> None:
+        """
+        A listen address that is taken stops start-up (no daemon without its
+        socketmap) with exit status 1 and one line on stderr naming the
+        variable and the reason, no traceback; with worker processes too
+        (whose TCP sockets allow sharing a port among themselves, not with
+        another program).
+        """
+        env = {**listen_env, "WORKERS": workers, "REDIS_URL": "redis://127.0.0.1:1/0"}
+        with socket.create_server(("127.0.0.1", 0)) as holder:
+            port = holder.getsockname()[1]
+            env[variable] = f"127.0.0.1:{port}"
+            result = subprocess.run(
+                twistd_command(),
+                env=daemon_environment(env),
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert lines(stderr) == [
+            f"userli-postfix: {variable}: cannot listen on "
+            f"tcp:{port}:interface=127.0.0.1:backlog=4096: address already in use"
+        ], stderr
+        assert "Traceback" not in result.stdout.decode()
+
+    def test_port_in_use_daemon_mode(
+        self, tmp_path: Path, listen_env: dict[str, str | None]
+    ) -> None:
+        """
+        In twistd's daemon mode (no C{-n}) a taken address ends start-up
+        too: twistd reports it to the waiting command (naming the variable),
+        which exits 1, and no pid file is left behind.
+        """
         with socket.create_server(("127.0.0.1", 0)) as holder:
             port = holder.getsockname()[1]
             listen_env["SOCKETMAP_LISTEN_ADDR"] = f"127.0.0.1:{port}"
-            status, output = run_daemon(listen_env, tmp_path)
-        assert status != 0
-        assert str(port) in output
+            command = [
+                argument
+                for argument in twistd_command(f"--pidfile={tmp_path / 'pid'}")
+                if argument not in ("-n", "--pidfile=")
+            ]
+            command.append(command.pop(command.index("userli-postfix")))
+            result = subprocess.run(
+                command,
+                env=daemon_environment(listen_env),
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        assert result.returncode == 1
+        assert "SOCKETMAP_LISTEN_ADDR: cannot listen" in result.stderr.decode()
+        assert not (tmp_path / "pid").exists()
 
 
 class TestCommandLine:

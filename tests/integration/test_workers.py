@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.fake_userli import SLOW, FakeUserliServer
+from tests.integration import clients
+from tests.integration.clients import PolicyClient, SocketmapClient
 from tests.integration.conftest import DOMAIN, StartDaemon
 from tests.integration.harness import (
     Daemon,
@@ -25,11 +30,19 @@ from tests.integration.harness import (
     run_daemon,
     wait_for,
 )
+from tests.integration.test_shutdown import READ_MARGIN, Load
+from userli_postfix.daemon import SHUTDOWN_GRACE
 
 pytestmark = pytest.mark.integration
 
 ALICE = f"alice@{DOMAIN}"
 LIMITED = f"limited@{DOMAIN}"  # 2 messages an hour, 3 a day (conftest)
+
+# How long the fake Userli takes per answer in the stop test: within the
+# daemon's 5 s deadline, and long enough that processes draining one after
+# the other (the first process only once its children had gone) would take
+# more than the 10 s a container runtime waits.
+SLOW_API = 4.5
 
 # Connections opened, at most, while looking for ones served by different
 # processes; far below the 500 a process accepts.
@@ -94,10 +107,16 @@ def metrics_directory(pid: int) -> Path:
 
 
 def start_workers(
-    start_daemon: StartDaemon, redis: RedisServer, count: int, socketmap: str = "inet"
+    start_daemon: StartDaemon,
+    redis: RedisServer,
+    count: int,
+    socketmap: str = "inet",
+    env: dict[str, str] | None = None,
 ) -> Daemon:
     """A daemon with C{count} workers, returned once every child runs."""
-    daemon = start_daemon(env={"WORKERS": str(count)}, redis=redis, socketmap=socketmap)
+    daemon = start_daemon(
+        env={"WORKERS": str(count), **(env or {})}, redis=redis, socketmap=socketmap
+    )
     wait_for(
         lambda: daemon.output().count("socketmap listening on") == count,
         f"{count} processes listening",
@@ -262,6 +281,72 @@ class TestWorkers:
             wait_for(lambda pid=pid: not alive(pid), f"worker {pid} to exit")
         assert not directory.exists()
         assert "Stopped" in daemon.output()
+
+    def test_sigterm_under_load(
+        self, fake_userli: FakeUserliServer, start_daemon: StartDaemon, redis_server: RedisServer
+    ) -> None:
+        """
+        SIGTERM to a daemon with two workers while every connection has a
+        request in flight: every request is answered or its connection
+        closed cleanly (no torn reply), requests read before the signal are
+        answered, the daemon exits 0, and the whole process tree is gone
+        within the shutdown grace (8 s; a container runtime waits 10 s
+        before SIGKILL), because every process drains at the same time.
+        """
+        daemon = start_workers(
+            start_daemon, redis_server, 2, env={"LOOKUP_CACHE_TTL": "0", "QUOTA_CACHE_TTL": "0"}
+        )
+        pids = [daemon.pid, *children(daemon.pid)]
+        socketmap, policy = daemon.socketmap, daemon.policy
+        assert isinstance(socketmap, tuple) and policy is not None
+        fake_userli.set_mode(SLOW, delay=SLOW_API)
+
+        def lookup(client: object) -> None:
+            assert client.ask(f"alias info@{DOMAIN}".encode()) == f"OK {ALICE}".encode()  # type: ignore[attr-defined]
+
+        def police(client: object) -> None:
+            assert client.ask(clients.end_of_message(f"bob@{DOMAIN}")) == "DUNNO"  # type: ignore[attr-defined]
+
+        opened: list[SocketmapClient | PolicyClient] = []
+
+        def opening(client: SocketmapClient | PolicyClient) -> object:
+            opened.append(client)
+            return client
+
+        load = Load()
+        load.start("socketmap", 16, lambda: opening(SocketmapClient(socketmap)), lookup)
+        load.start("policy", 8, lambda: opening(PolicyClient(policy)), police)
+        wait_for(lambda: len(load.outcomes) >= 24, "answers before the shutdown")
+        served = {socket_owner(client.sock, pids) for client in opened}
+        assert served == set(pids), "both processes serve connections"
+
+        # The signal comes as lookup answers arrive (identical lookups in
+        # flight share one API call), so that every socketmap connection has
+        # a new request in flight for the whole API delay.
+        def lookups() -> int:
+            return sum(1 for o in load.outcomes if o.listener == "socketmap")
+
+        answered = lookups()
+        wait_for(lambda: lookups() > answered, "the next answers")
+        terminated = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        # Within the shutdown grace, which is what each process may take.
+        wait_for(
+            lambda: not any(alive(pid) for pid in pids),
+            "every worker to exit",
+            deadline=SHUTDOWN_GRACE,
+        )
+        status = daemon.wait()
+        load.join()
+
+        assert status == 0, daemon.output()[-3000:]
+        violations = [o for o in load.outcomes if o.result not in ("answered", "closed")]
+        assert violations == [], violations[:5]
+        unanswered = [
+            o for o in load.outcomes if o.sent < terminated - READ_MARGIN and o.result != "answered"
+        ]
+        assert unanswered == [], unanswered[:5]
+        assert any(o.sent < terminated and o.result == "answered" for o in load.outcomes)
 
     def test_children_die_with_parent(
         self, start_daemon: StartDaemon, redis_server: RedisServer
