@@ -1,9 +1,6 @@
 """
 twistd wiring: command-line options over environment variables, and
 L{makeService}.
-
-Nothing of Twisted's networking is imported before the options are read:
-whether it is loaded with TLS support depends on them (L{notls}).
 """
 
 from __future__ import annotations
@@ -15,12 +12,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from userli_postfix import __version__, notls
-from userli_postfix.config import SETTINGS, Config, ConfigError, raw_values, uses_tls
-
-# The daemon and everything it runs on (txredisapi, klein, ...), imported
-# before it is built (with TLS support only when the configuration asks).
-DAEMON_MODULES = ("userli_postfix.daemon",)
+from userli_postfix import __version__
+from userli_postfix.config import SETTINGS, Config, ConfigError
 
 
 class Options(usage.Options):
@@ -41,10 +34,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        raw = raw_values(os.environ, self.given())
-        if not uses_tls(raw):
-            notls.loadWithoutTLS(DAEMON_MODULES)
-        self.config = Config.from_values(raw)
+        self.config = Config.from_sources(os.environ, self.given())
 
     def given(self) -> dict[str, str | None]:
         """The settings given as options, keyed by option name."""
