@@ -18,6 +18,6 @@ fi
 # twisted/plugins over Twisted's own package.
 .venv/bin/python -m pip install -q ".${EXTRAS:-}"
 # Twisted's plugin cache, built now rather than by the daemon's first start
-# (which would have to import every plugin, and with them TLS, and may run
-# as a user who cannot write it).
+# (which would have to import every plugin, and may run as a user who cannot
+# write it).
 .venv/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
