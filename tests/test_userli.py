@@ -3,8 +3,11 @@ Tests for L{userli_postfix.userli}: the API client.
 
 Every answer goes through a real C{twisted.web} resource in memory
 (C{StubTreq}); hangs and refused connections use a fake request callable and
-a L{Clock}.  The client must turn everything that is not a documented
-answer into L{UserliError}, and never let a key reach another route.
+a L{Clock}, and the deadline and the body limit are checked once more
+through the daemon's own HTTP stack (treq, Agent and its pool) on a
+L{MemoryReactorClock}.  The client must turn everything that is not a
+documented answer into L{UserliError}, and never let a key reach another
+route.
 """
 
 from __future__ import annotations
