@@ -393,11 +393,12 @@ class FakeUserliResource(resource.Resource):
 
 
 class _TrackingChannel(http.HTTPChannel):
-    """An HTTP connection that its site can find and drop (L{REFUSED})."""
+    """An HTTP connection that its site can find and drop (L{REFUSED}) and counts."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)  # type: ignore[attr-defined]
+        self.site.connectionsMade += 1  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.channels.discard(self)  # type: ignore[attr-defined]
@@ -405,7 +406,12 @@ class _TrackingChannel(http.HTTPChannel):
 
 
 class FakeUserliSite(server.Site):
-    """A quiet site that knows its open connections."""
+    """
+    A quiet site that knows its open connections.
+
+    @ivar connectionsMade: how many connections it accepted so far: with
+        keep-alive, far fewer than the requests.
+    """
 
     protocol = _TrackingChannel  # type: ignore[assignment]
     noisy = False
@@ -413,6 +419,7 @@ class FakeUserliSite(server.Site):
     def __init__(self, fake: FakeUserli, reactor: IReactorTime) -> None:
         super().__init__(FakeUserliResource(fake, reactor), reactor=reactor)
         self.channels: set[_TrackingChannel] = set()
+        self.connectionsMade = 0
 
     def log(self, request: http.Request) -> None:
         """No access log: benchmarks send thousands of requests a second."""
@@ -536,6 +543,12 @@ class FakeUserliServer:
             self._call(self._unlisten)
         else:
             self._call(self._listen)
+
+    @property
+    def connections(self) -> int:
+        """How many connections the fake accepted so far (HTTPS: TLS connections)."""
+        assert self._site is not None
+        return self._site.connectionsMade
 
     # The state object's interface, for convenience.
 

@@ -23,8 +23,6 @@ from userli_postfix.config import (
     parse_base_url,
     parse_duration,
     parse_redis_url,
-    raw_values,
-    uses_tls,
 )
 
 TOKEN = {"USERLI_TOKEN": "secret-token"}
@@ -701,48 +699,3 @@ class ConfigTests(SynchronousTestCase):
         """The configuration cannot be changed once built."""
         config = Config.from_sources(TOKEN)
         self.assertRaises(AttributeError, setattr, config, "lookup_cache_ttl", 1.0)
-
-
-class UsesTLSTests(SynchronousTestCase):
-    """L{uses_tls}: read from the raw values, before Twisted is loaded."""
-
-    def raw(self, **environ: str) -> dict[str, str | None]:
-        return raw_values({"USERLI_TOKEN": "t", **environ})
-
-    def test_defaults(self) -> None:
-        """The defaults (a local http:// Userli, no Redis) use no TLS."""
-        self.assertFalse(uses_tls(self.raw()))
-
-    def test_plain(self) -> None:
-        """Plain URLs and listeners of every form use none."""
-        self.assertFalse(
-            uses_tls(
-                self.raw(
-                    USERLI_BASE_URL="http://userli.internal:8000",
-                    REDIS_URL="redis://redis:6379/0",
-                    SOCKETMAP_LISTEN_ADDR="unix:/run/userli/socketmap.sock",
-                    POLICY_LISTEN_ADDR="tcp:10003:interface=127.0.0.1",
-                    SASL_LISTEN_ADDR="/var/spool/postfix/private/auth",
-                )
-            )
-        )
-
-    def test_each_tls_setting(self) -> None:
-        """Each place TLS can be asked for is seen, whatever its case and spacing."""
-        for variable, value in [
-            ("USERLI_BASE_URL", "https://userli.example.org"),
-            ("USERLI_BASE_URL", " HTTPS://userli.example.org"),
-            ("REDIS_URL", "rediss://redis.example.org:6380/0"),
-            ("SOCKETMAP_LISTEN_ADDR", "ssl:10001:privateKey=k.pem"),
-            ("POLICY_LISTEN_ADDR", "ssl:10003:privateKey=k.pem"),
-            ("METRICS_LISTEN_ADDR", "ssl:10002:privateKey=k.pem"),
-            ("SASL_LISTEN_ADDR", "ssl:10006:privateKey=k.pem"),
-        ]:
-            self.assertTrue(uses_tls(self.raw(**{variable: value})), (variable, value))
-
-    def test_option_wins(self) -> None:
-        """An option overrides the environment here too."""
-        raw = raw_values(
-            {"USERLI_BASE_URL": "http://userli"}, {"userli-base-url": "https://userli"}
-        )
-        self.assertTrue(uses_tls(raw))

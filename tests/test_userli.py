@@ -3,8 +3,11 @@ Tests for L{userli_postfix.userli}: the API client.
 
 Every answer goes through a real C{twisted.web} resource in memory
 (C{StubTreq}); hangs and refused connections use a fake request callable and
-a L{Clock}.  The client must turn everything that is not a documented
-answer into L{UserliError}, and never let a key reach another route.
+a L{Clock}, and the deadline and the body limit are checked once more
+through the daemon's own HTTP stack (treq, Agent and its pool) on a
+L{MemoryReactorClock}.  The client must turn everything that is not a
+documented answer into L{UserliError}, and never let a key reach another
+route.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from userli_postfix import __version__
 from userli_postfix.metrics import Metrics
+from userli_postfix.transport import makeHTTPClient
 from userli_postfix.userli import MAX_BODY, AuthResult, Quota, UserliClient, UserliError
 
 BASE = "http://userli.test"
@@ -735,3 +739,105 @@ class TokenRefusalTests(ClientTestCase):
         self.failing(self.client.alias("a@example.org"))
         self.failing(self.client.alias("a@example.org"))
         self.assertEqual(len(self.errors()), 2)
+
+
+class OverAgentTests(SynchronousTestCase):
+    """
+    The deadline and the body limit through the daemon's real HTTP stack
+    (treq, Agent and its pool, see L{makeHTTPClient}) on a
+    L{MemoryReactorClock}; the test plays Userli on the connection.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.metrics = Metrics(process=False)
+        http, self.pool = makeHTTPClient(self.reactor)
+        self.client = UserliClient(
+            http.request, "http://127.0.0.1:8000", TOKEN, self.reactor, self.metrics
+        )
+        self.transport = StringTransport()
+        self.protocol: Any = None
+
+    def connect(self) -> None:
+        """Let the pending connection attempt succeed."""
+        factory = self.reactor.tcpClients[-1][2]
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+
+    def head(self, length: int) -> bytes:
+        """The status line and headers of a 200 with a body of C{length} bytes."""
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length
+
+    def test_answer(self) -> None:
+        """A whole answer is read and decoded; the request carried the token."""
+        d = self.client.alias("a@example.org")
+        self.connect()
+        self.assertIn(b"GET /api/postfix/alias/a@example.org HTTP/1.1\r\n", self.transport.value())
+        self.assertIn(b"Authorization: Bearer " + TOKEN.encode(), self.transport.value())
+        self.protocol.dataReceived(self.head(17) + b'["b@example.org"]')
+        self.assertEqual(self.successResultOf(d), ["b@example.org"])
+
+    def test_connect_deadline(self) -> None:
+        """A connection that never comes up fails at the deadline and is given up."""
+        d = self.client.domain("example.org")
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertIn("5 s", str(self.failureResultOf(d, UserliError).value))
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+
+    def test_headers_deadline(self) -> None:
+        """A request whose answer never starts fails at the deadline; the connection is cut."""
+        d = self.client.domain("example.org")
+        self.connect()
+        self.reactor.advance(5)
+        self.failureResultOf(d, UserliError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_body_deadline(self) -> None:
+        """Headers in time do not extend the deadline: a stalled body fails at 5 s, cut."""
+        d = self.client.alias("a@example.org")
+        self.connect()
+        self.reactor.advance(3)
+        self.protocol.dataReceived(self.head(17) + b'["b@ex')
+        self.reactor.advance(1.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.failureResultOf(d, UserliError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_body_too_large(self) -> None:
+        """A body beyond L{MAX_BODY} fails as soon as it is exceeded; the connection is cut."""
+        d = self.client.alias("a@example.org")
+        self.connect()
+        self.protocol.dataReceived(self.head(MAX_BODY + 2) + b"[" + b" " * (MAX_BODY // 2))
+        self.assertNoResult(d)
+        self.protocol.dataReceived(b" " * (MAX_BODY // 2 + 1))
+        self.assertIn("too large", str(self.failureResultOf(d, UserliError).value))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_not_http(self) -> None:
+        """An answer that is not HTTP is a L{UserliError}."""
+        d = self.client.mailbox("a@example.org")
+        self.connect()
+        self.protocol.dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
+        self.failureResultOf(d, UserliError)
+
+    def test_body_lost(self) -> None:
+        """A connection lost in the middle of the body is a L{UserliError}."""
+        d = self.client.alias("a@example.org")
+        self.connect()
+        self.protocol.dataReceived(self.head(17) + b'["b@ex')
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, UserliError)
+
+    def test_redirect_not_followed(self) -> None:
+        """A redirect is a failure; nothing is sent to where it points."""
+        d = self.client.domain("example.org")
+        self.connect()
+        self.protocol.dataReceived(
+            b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere.test/\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.failureResultOf(d, UserliError)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.transport.value().count(b"GET "), 1)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, urlsplit
 
+from twisted.internet.endpoints import serverFromString
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or unusable."""
@@ -196,10 +198,6 @@ def listen_endpoint(variable: str, value: str) -> str:
             description = f"tcp6:{port}:interface=\\:\\::backlog={LISTEN_BACKLOG}"
         else:
             description = f"tcp:{port}:backlog={LISTEN_BACKLOG}"
-    # Imported here, not at the top: whether Twisted is loaded with TLS
-    # support depends on this configuration (see L{userli_postfix.notls}).
-    from twisted.internet.endpoints import serverFromString
-
     try:
         # Building the endpoint checks the description; the reactor is only
         # stored, and none is needed (nor the 2 MB of a fake one) to check.
@@ -444,6 +442,15 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+# The settings that are listen addresses.
+LISTEN_VARIABLES = (
+    "SOCKETMAP_LISTEN_ADDR",
+    "POLICY_LISTEN_ADDR",
+    "METRICS_LISTEN_ADDR",
+    "SASL_LISTEN_ADDR",
+)
+
+
 def raw_values(
     environ: Mapping[str, str], options: Mapping[str, str | None] | None = None
 ) -> dict[str, str | None]:
@@ -461,34 +468,6 @@ def raw_values(
             value = setting.default
         raw[setting.variable] = value
     return raw
-
-
-LISTEN_VARIABLES = (
-    "SOCKETMAP_LISTEN_ADDR",
-    "POLICY_LISTEN_ADDR",
-    "METRICS_LISTEN_ADDR",
-    "SASL_LISTEN_ADDR",
-)
-
-
-def uses_tls(raw: Mapping[str, str | None]) -> bool:
-    """
-    Whether raw values (see L{raw_values}) ask for TLS anywhere: an
-    C{https://} Userli, a C{rediss://} Redis or an C{ssl:} listener.
-
-    Read from the unchecked text, before anything of Twisted's networking
-    is imported, and erring towards yes: a value that merely looks like TLS
-    only costs the memory of loading OpenSSL.
-    """
-
-    def value(name: str) -> str:
-        return (raw.get(name) or "").strip().lower()
-
-    return (
-        value("USERLI_BASE_URL").startswith("https:")
-        or value("REDIS_URL").startswith("rediss:")
-        or any(value(name).startswith("ssl:") for name in LISTEN_VARIABLES)
-    )
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.web.client import HTTPConnectionPool
 
 from userli_postfix import __version__, metricsdir, signals, workers
 from userli_postfix.cache import CACHE_PREFIX, LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import Config
-from userli_postfix.httpclient import KeepAlivePool, ReusedEndpoints, keepAliveRequester
 from userli_postfix.listeners import LimitedFactory
 from userli_postfix.listening import CannotListen, ListeningService, describe
 from userli_postfix.logs import daemonObserver, withoutCredentials
@@ -36,6 +36,7 @@ from userli_postfix.ratelimit import makeRateLimiter
 from userli_postfix.redis import RedisClient
 from userli_postfix.sasl import makeSASLFactory
 from userli_postfix.socketmap import SocketmapFactory
+from userli_postfix.transport import makeHTTPClient
 from userli_postfix.unixsocket import removeStaleSocket
 from userli_postfix.userli import UserliClient
 from userli_postfix.web import MetricsPage, Web, makeSite
@@ -47,10 +48,6 @@ log = Logger()
 # for the slowest answer: a failed login against a hung API (5 s deadline
 # plus the 2 s failure delay).
 SHUTDOWN_GRACE = 8.0
-
-# Idle keep-alive connections kept to Userli; new ones are opened as needed
-# beyond that, so hundreds of concurrent lookups are never queued.
-HTTP_POOL_IDLE_PER_HOST = 256
 
 # The listeners that worker processes serve too; /metrics, /health and
 # /ready stay with the parent.
@@ -77,7 +74,7 @@ class DaemonService(MultiService):
         self,
         clock: IReactorTime,
         observer: ILogObserver | None,
-        pool: KeepAlivePool,
+        pool: HTTPConnectionPool,
         redis: RedisClient | None,
         inherited: dict[str, int] | None = None,
         workers: int = 1,
@@ -220,9 +217,9 @@ def build(
         metricsDirectory = metricsdir.current() or metricsdir.prepare(str(config.workers))
     metrics = Metrics()
 
-    pool = KeepAlivePool(ReusedEndpoints(reactor, connectTimeout=5), HTTP_POOL_IDLE_PER_HOST)
+    http, pool = makeHTTPClient(reactor)
     client = UserliClient(
-        keepAliveRequester(pool),
+        http.request,
         config.userli_base_url,
         config.userli_token,
         reactor,

@@ -283,7 +283,6 @@ def _endpoint(target: RedisTarget) -> Any:
         return UNIXClientEndpoint(reactor, target.path, timeout=CONNECT_TIMEOUT)
     endpoint: Any = HostnameEndpoint(reactor, target.host, target.port, timeout=CONNECT_TIMEOUT)
     if target.tls:
-        # Only a rediss:// configuration loads TLS (see notls).
         from twisted.internet.ssl import optionsForClientTLS
 
         endpoint = wrapClientTLS(optionsForClientTLS(target.host), endpoint)

@@ -1,9 +1,6 @@
 """
 twistd wiring: command-line options over environment variables, and
 L{makeService}.
-
-Nothing of Twisted's networking is imported before the options are read:
-whether it is loaded with TLS support depends on them (L{notls}).
 """
 
 from __future__ import annotations
@@ -15,12 +12,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from userli_postfix import __version__, metricsdir, notls
-from userli_postfix.config import SETTINGS, Config, ConfigError, raw_values, uses_tls
-
-# The daemon and everything it runs on (txredisapi, klein, ...), imported
-# before it is built (with TLS support only when the configuration asks).
-DAEMON_MODULES = ("userli_postfix.daemon",)
+from userli_postfix import __version__, metricsdir
+from userli_postfix.config import SETTINGS, Config, ConfigError, raw_values
 
 
 class Options(usage.Options):
@@ -44,8 +37,6 @@ class Options(usage.Options):
         raw = raw_values(os.environ, self.given())
         # Before anything imports prometheus-client (see L{metricsdir}).
         metricsdir.prepare(raw["WORKERS"])
-        if not uses_tls(raw):
-            notls.loadWithoutTLS(DAEMON_MODULES)
         self.config = Config.from_values(raw)
 
     def given(self) -> dict[str, str | None]:

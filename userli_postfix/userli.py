@@ -59,6 +59,10 @@ class UserliError(Exception):
     """The API gave no usable answer (timeout, refused, bad status or body)."""
 
 
+class NoAnswer(UserliError):
+    """The deadline passed before the API answered (what the breaker counts)."""
+
+
 class CircuitOpen(UserliError):
     """Not asked: the API has stopped answering (see L{userli_postfix.breaker})."""
 
@@ -102,11 +106,14 @@ class _BodyReader(Protocol):
         self.parts.append(data)
 
     def abort(self) -> None:
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            self.transport.stopProducing()  # type: ignore[union-attr]
+        # Agent hands a body protocol a proxy of the connection that can
+        # close it but not abort it; either way the connection, with its
+        # unread rest, is never reused.
+        for name in ("abortConnection", "loseConnection", "stopProducing"):
+            close = getattr(self.transport, name, None)
+            if close is not None:
+                close()
+                return
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if self.finished.called:
@@ -163,13 +170,14 @@ class UserliClient:
     """
     One method per endpoint of ``/api/postfix``.
 
-    @param request: C{treq.client.HTTPClient.request}-compatible callable
-        (a real client over a persistent pool, or C{StubTreq} in tests).
+    @param request: C{treq.client.HTTPClient.request} (a client over a
+        persistent pool, see L{userli_postfix.transport}, or C{StubTreq}'s in
+        tests).
     """
 
     def __init__(
         self,
-        request: Callable[..., defer.Deferred[IResponse]],
+        request: Callable[..., defer.Deferred[Any]],
         base_url: str,
         token: str,
         clock: IReactorTime,
@@ -249,15 +257,8 @@ class UserliClient:
                 raise UserliError(f"HTTP {code} with a body that is not JSON") from None
             return parse(code, value)
 
-        def gotResponse(response: IResponse) -> T | defer.Deferred[T]:
+        def gotResponse(response: IResponse) -> defer.Deferred[T]:
             status_label[0] = str(response.code)
-            whole = getattr(response, "body", None)
-            if isinstance(whole, bytes):
-                # The transport read the body already (httpclient.Response):
-                # no body protocol, no extra Deferred.
-                if len(whole) > MAX_BODY:
-                    raise UserliError("response body too large")
-                return decode((response.code, whole))
             return _readBody(response).addCallback(lambda data: decode((response.code, data)))
 
         def observe(result: T | Failure) -> T | Failure:
@@ -272,7 +273,10 @@ class UserliClient:
                 )
             series[0]()
             series[1](elapsed)
-            self.breaker.record(attempt, not (isinstance(result, Failure) and unanswered(result)))
+            noAnswer = isinstance(result, Failure) and (
+                unanswered(result) or result.check(NoAnswer) is not None
+            )
+            self.breaker.record(attempt, not noAnswer)
             self._noteTokenRefusal(code, isinstance(result, Failure))
             if isinstance(result, Failure):
                 if result.check(defer.TimeoutError, defer.CancelledError):
@@ -282,13 +286,21 @@ class UserliClient:
             return result
 
         headers = self._postHeaders if body is not None else self._getHeaders
+        # Unbuffered: the body goes straight to _BodyReader, which can stop
+        # it at MAX_BODY and abort the connection on the deadline.
         d: defer.Deferred[Any] = self._request(
-            method, url, headers=headers, data=body, allow_redirects=False
+            method, url, headers=headers, data=body, allow_redirects=False, unbuffered=True
         )
         d.addCallback(gotResponse)
-        d.addTimeout(deadline, self._clock)
+        # Whatever cancelling made of the request (a cancelled connection
+        # attempt fails with its own error), a timeout reads as one.
+        d.addTimeout(deadline, self._clock, onTimeoutCancel=self._timedOut)
         d.addBoth(observe)
         return d
+
+    @staticmethod
+    def _timedOut(result: object, timeout: float) -> Failure:
+        return Failure(NoAnswer(f"no answer within {timeout:g} s"))  # type: ignore[no-untyped-call]
 
     def _get(
         self, endpoint: str, key: str, parse: Callable[[int, Any], T], timeout: float | None = None

@@ -1,8 +1,7 @@
 """
-TLS is loaded when the configuration asks for it, and only then: a daemon
-reaching Userli over C{http://} runs without pyOpenSSL (and its 13 MB), one
-reaching it over C{https://} checks the certificate against the trust
-store like any HTTPS client.
+Userli over C{http://} and C{https://}: the daemon keeps its connections to
+Userli alive and reuses them, and over HTTPS checks the certificate against
+the trust store like any HTTPS client.
 """
 
 from __future__ import annotations
@@ -28,13 +27,22 @@ pytestmark = pytest.mark.integration
 
 ALICE = f"alice@{DOMAIN}"
 
-# cryptography's compiled bindings, which pyOpenSSL loads.
-OPENSSL_BINDINGS = "cryptography/hazmat/bindings"
+# Lookups of distinct keys, each one a cache miss and so a call to Userli.
+LOOKUPS = 6
 
 
-def mapped_files(daemon: Daemon) -> str:
-    """The files mapped into the daemon's memory (its shared libraries)."""
-    return Path(f"/proc/{daemon.pid}/maps").read_text()
+def lookUpDistinctKeys(daemon: Daemon, userli: FakeUserliServer) -> int:
+    """
+    Look up L{LOOKUPS} mailboxes nobody asked for before, one after another;
+    return how many connections Userli accepted meanwhile.
+    """
+    before = userli.connections
+    asked = len(userli.fake.requests("mailbox"))
+    for i in range(LOOKUPS):
+        status, _, err = postmap(f"nobody{i}@{DOMAIN}", daemon.socketmap_target("mailbox"))
+        assert status == 1 and "temporary" not in err.lower(), (status, err, daemon.output())
+    assert len(userli.fake.requests("mailbox")) == asked + LOOKUPS
+    return userli.connections - before
 
 
 @pytest.fixture
@@ -58,13 +66,11 @@ def https_userli(certificate: tuple[bytes, bytes, Path]) -> Iterator[FakeUserliS
         server.stop()
 
 
-def test_plain_http_runs_without_openssl(start_daemon: StartDaemon) -> None:
-    """With no TLS configured, pyOpenSSL is never loaded, and lookups work."""
+def test_http_kept_alive(start_daemon: StartDaemon, fake_userli: FakeUserliServer) -> None:
+    """Over http://, lookups one after another share one connection to Userli."""
     daemon = start_daemon()
     assert daemon.env["USERLI_BASE_URL"].startswith("http://")
-    status, out, _ = postmap(ALICE, daemon.socketmap_target("mailbox"))
-    assert (status, out.strip()) == (0, "1")
-    assert OPENSSL_BINDINGS not in mapped_files(daemon)
+    assert lookUpDistinctKeys(daemon, fake_userli) <= 1
 
 
 def test_https_userli(
@@ -79,7 +85,18 @@ def test_https_userli(
     status, out, _ = postmap(ALICE, daemon.socketmap_target("mailbox"))
     assert (status, out.strip()) == (0, "1"), daemon.output()
     assert [r.key for r in https_userli.fake.requests("mailbox")] == [ALICE]
-    assert OPENSSL_BINDINGS in mapped_files(daemon)
+
+
+def test_https_kept_alive(
+    start_daemon: StartDaemon,
+    https_userli: FakeUserliServer,
+    certificate: tuple[bytes, bytes, Path],
+) -> None:
+    """Over https://, lookups one after another share one TLS connection to Userli."""
+    daemon = start_daemon(
+        env={"USERLI_BASE_URL": https_userli.url, "SSL_CERT_FILE": str(certificate[2])}
+    )
+    assert lookUpDistinctKeys(daemon, https_userli) <= 1
 
 
 def test_https_untrusted_certificate(
