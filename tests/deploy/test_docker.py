@@ -1,0 +1,252 @@
+"""
+The Docker image, built and run for real (marker C{docker}).
+
+The image is built from the repository's Dockerfile on a base image made
+here (no registry is reachable: see L{tests.deploy.engine}), with the host's
+pip configuration and CA bundle handed in as build secrets.  The container
+runs with the host's network against a fake Userli on 127.0.0.1, on ports
+picked free, and is asked as Postfix would ask it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.engine import SLOW, Engine, base_image, pip_build_secrets
+from tests.fake_userli import TOKEN, FakeUserliServer
+from tests.integration.clients import PolicyClient, end_of_message
+from tests.integration.harness import ROOT, free_port, postmap, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
+
+IMAGE = "userli-postfix:test"
+
+
+class Built:
+    """What the build used: the base image and the secrets' files."""
+
+    def __init__(self, base: str, secrets: list[str], output: str) -> None:
+        self.base = base
+        self.secrets = secrets
+        self.output = output
+
+
+@pytest.fixture(scope="module")
+def image(docker_engine: Engine, module_tmp: Path) -> Built:
+    """The image, built from the Dockerfile on the test base image."""
+    base = base_image(docker_engine, module_tmp)
+    secrets = pip_build_secrets(module_tmp / "pip")
+    output = docker_engine.build(
+        [
+            "--network=host",
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            *secrets,
+            "--tag",
+            IMAGE,
+            str(ROOT),
+        ]
+    )
+    return Built(base, secrets, output)
+
+
+class Container:
+    """A container of the image with its listeners on free loopback ports."""
+
+    def __init__(self, engine: Engine, userli: FakeUserliServer) -> None:
+        self.engine = engine
+        self.name = f"userli-postfix-test-{uuid.uuid4().hex[:12]}"
+        self.socketmap = ("127.0.0.1", free_port())
+        self.policy = ("127.0.0.1", free_port())
+        self.metrics = ("127.0.0.1", free_port())
+        self.userli = userli
+
+    def run(self) -> None:
+        """Start it and wait until every listener accepts."""
+        env = {
+            "USERLI_BASE_URL": self.userli.url,
+            "USERLI_TOKEN": TOKEN,
+            "SOCKETMAP_LISTEN_ADDR": "%s:%d" % self.socketmap,
+            "POLICY_LISTEN_ADDR": "%s:%d" % self.policy,
+            # Not the default port: the health check must follow it.
+            "METRICS_LISTEN_ADDR": "%s:%d" % self.metrics,
+        }
+        arguments = ["run", "--detach", "--name", self.name, "--network=host"]
+        for name, value in env.items():
+            arguments += ["--env", f"{name}={value}"]
+        # Checked every second rather than every 30 s, so the test does not wait.
+        arguments += ["--health-interval=1s", IMAGE]
+        self.engine.docker(*arguments)
+        wait_for(self._listening, f"container {self.name} to listen", deadline=60)
+
+    def _listening(self) -> bool:
+        from tests.integration.harness import accepts
+
+        if not self.state()["Running"]:
+            raise AssertionError(f"the container exited:\n{self.logs()}")
+        return all(accepts(a) for a in (self.socketmap, self.policy, self.metrics))
+
+    def state(self) -> dict[str, object]:
+        """The container's State from C{docker inspect}."""
+        inspected = self.engine.docker("inspect", "--format", "{{json .State}}", self.name)
+        state: dict[str, object] = json.loads(inspected.stdout)
+        return state
+
+    def health(self) -> str:
+        health = self.state().get("Health") or {}
+        assert isinstance(health, dict)
+        return str(health.get("Status", ""))
+
+    def logs(self) -> str:
+        result = self.engine.docker("logs", self.name, check=False)
+        return result.stdout + result.stderr
+
+    def remove(self) -> None:
+        self.engine.docker("rm", "--force", self.name, check=False)
+
+
+@pytest.fixture
+def container(
+    docker_engine: Engine, image: Built, module_userli: FakeUserliServer
+) -> Iterator[Container]:
+    """A running container of the image; removed after the test."""
+    running = Container(docker_engine, module_userli)
+    try:
+        running.run()
+        yield running
+    finally:
+        running.remove()
+
+
+def test_lookup_answered(container: Container) -> None:
+    """The container answers Postfix's own socketmap client (C{postmap -q})."""
+    target = "socketmap:inet:%s:%d:alias" % container.socketmap
+    status, stdout, stderr = postmap("team@example.org", target)
+    assert (status, stderr) == (0, ""), container.logs()
+    assert stdout.strip() == "alice@example.org,bob@example.org"
+    status, stdout, stderr = postmap("nobody@example.org", target)
+    assert (status, stdout, stderr) == (1, "", "")
+
+
+def test_policy_answered(container: Container) -> None:
+    """The container answers policy requests: within quota DUNNO, over it REJECT."""
+    with PolicyClient(container.policy) as client:
+        answers = [
+            client.ask(end_of_message("limited@example.org", "limited@example.org"))
+            for _ in range(3)
+        ]
+    assert answers[:2] == ["DUNNO", "DUNNO"]
+    assert answers[2].startswith("REJECT"), answers
+
+
+def test_runs_as_non_root(container: Container) -> None:
+    """The daemon (PID 1 of the container) runs as an unprivileged user."""
+    result = container.engine.docker(
+        "exec", container.name, "python3", "-c", "import os; print(os.getuid(), os.getgid())"
+    )
+    uid, gid = (int(n) for n in result.stdout.split())
+    assert uid != 0 and gid != 0
+    status = container.engine.docker("exec", container.name, "cat", "/proc/1/status").stdout
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert "0" not in uids, status
+
+
+def test_turns_healthy(container: Container) -> None:
+    """
+    The HEALTHCHECK passes with the metrics listener moved off its default
+    port: it follows METRICS_LISTEN_ADDR.
+    """
+    wait_for(lambda: container.health() == "healthy", "the container to turn healthy", 60)
+    health = container.state()["Health"]
+    assert isinstance(health, dict)
+    assert all(entry["ExitCode"] == 0 for entry in health["Log"][-1:]), health
+
+
+def test_unhealthy_without_health_endpoint(docker_engine: Engine, image: Built) -> None:
+    """
+    The health check fails when nothing answers where METRICS_LISTEN_ADDR
+    points (here: the check run by hand in a container whose daemon is not
+    started).
+    """
+    result = docker_engine.docker(
+        "run",
+        "--rm",
+        "--network=host",
+        "--env",
+        f"METRICS_LISTEN_ADDR=127.0.0.1:{free_port()}",
+        "--entrypoint",
+        "python3",
+        IMAGE,
+        "-I",
+        "/opt/userli-postfix/healthcheck.py",
+        check=False,
+    )
+    assert result.returncode == 1, result
+    assert "/health" in result.stderr
+
+
+def test_docker_stop_exits_zero(container: Container) -> None:
+    """
+    C{docker stop} with a 5 s grace (half Docker's default) ends the daemon
+    by SIGTERM with exit status 0: had it needed longer, Docker would have
+    killed it (137).
+    """
+    container.engine.docker("stop", "--time", "5", container.name, timeout=60)
+    state = container.state()
+    assert state["Running"] is False
+    assert (state["ExitCode"], state["OOMKilled"]) == (0, False), container.logs()
+    assert "Stopped" in container.logs()
+
+
+def _files(engine: Engine, image: str) -> dict[str, str]:
+    """Every regular file of C{image}: path -> sha256 of its content."""
+    name = f"userli-postfix-export-{uuid.uuid4().hex[:12]}"
+    engine.docker("create", "--name", name, image, "true")
+    try:
+        exported = subprocess.run(
+            [engine.client, "export", name],
+            env=engine.env,
+            capture_output=True,
+            timeout=SLOW,
+            check=True,
+        ).stdout
+    finally:
+        engine.docker("rm", "--force", name, check=False)
+    files: dict[str, str] = {}
+    with tarfile.open(fileobj=io.BytesIO(exported)) as archive:
+        for member in archive:
+            if member.isfile():
+                extracted = archive.extractfile(member)
+                assert extracted is not None
+                files[member.name] = hashlib.sha256(extracted.read()).hexdigest()
+    return files
+
+
+def test_no_build_secrets_in_image(docker_engine: Engine, image: Built) -> None:
+    """
+    The pip configuration and CA bundle given to the build are in no file of
+    the final image that the base image did not have already, and pip itself
+    is not in the runtime environment.
+    """
+    secret_files = [
+        Path(argument.split("src=", 1)[1]) for argument in image.secrets if "src=" in argument
+    ]
+    assert secret_files, "the build was given no secrets to check for"
+    secret_hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in secret_files}
+    final = _files(docker_engine, IMAGE)
+    base = _files(docker_engine, image.base)
+    added = {path: digest for path, digest in final.items() if base.get(path) != digest}
+    leaked = sorted(path for path, digest in added.items() if digest in secret_hashes)
+    assert leaked == [], leaked
+    assert not [p for p in added if p.endswith("pip.conf") or "run/secrets" in p]
+    assert not [p for p in added if "/site-packages/pip/" in p]
+    assert any(p.startswith("opt/userli-postfix/") for p in added)
