@@ -240,10 +240,17 @@ def apt_mirror() -> tuple[str, str]:
                         continue
                     name, _, value = raw.partition(":")
                     fields[name.strip().lower()] = value.strip()
-                if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
+                if (
+                    "deb" in fields.get("types", "").split()
+                    and fields.get("enabled", "yes") != "no"
+                ):
                     for uri in fields.get("uris", "").split():
                         candidates.append(
-                            (uri, fields.get("suites", "").split(), fields.get("components", "").split())
+                            (
+                                uri,
+                                fields.get("suites", "").split(),
+                                fields.get("components", "").split(),
+                            )
                         )
         elif path.name == "sources.list" or path.suffix == ".list":
             for raw in text.splitlines():
@@ -266,9 +273,7 @@ def base_image(engine: Engine, workdir: Path) -> str:
     tag = f"userli-postfix-test-base:{release}"
     if engine.docker("image", "inspect", tag, check=False).returncode == 0:
         return tag
-    debootstrap = shutil.which("debootstrap") or shutil.which(
-        "debootstrap", path="/usr/sbin:/sbin"
-    )
+    debootstrap = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin:/sbin")
     if debootstrap is None:
         raise AssertionError("debootstrap is not installed (apt-get install debootstrap)")
     root = Path(tempfile.mkdtemp(prefix="base-", dir=workdir))
@@ -285,7 +290,9 @@ def base_image(engine: Engine, workdir: Path) -> str:
             timeout=SLOW,
         )
         if result.returncode != 0:
-            raise AssertionError(f"debootstrap failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+            raise AssertionError(
+                f"debootstrap failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+            )
         # Package lists and downloaded .debs are no use in the image.
         for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for item in (root / leftover).glob("*"):
@@ -318,7 +325,15 @@ def base_image(engine: Engine, workdir: Path) -> str:
 #: pip settings that say where packages come from and how to get there; a
 #: local path (find-links, a file: index, a constraints file) is not there
 #: inside the build, so it is left out.
-_PIP_KEYS = ("index-url", "extra-index-url", "trusted-host", "proxy", "timeout", "default-timeout", "retries")
+_PIP_KEYS = (
+    "index-url",
+    "extra-index-url",
+    "trusted-host",
+    "proxy",
+    "timeout",
+    "default-timeout",
+    "retries",
+)
 
 
 def _pip_settings() -> dict[str, str]:

@@ -165,9 +165,7 @@ def metric_names(expr: str) -> set[str]:
     text = re.sub(r"\$\w+", "", text)
     text = re.sub(r"\{[^}]*\}", "", text)
     text = re.sub(r"\[[^\]]*\]", "", text)
-    text = re.sub(
-        r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text
-    )
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         rest = text[match.end() :].lstrip()
@@ -184,7 +182,7 @@ def test_metric_names_parser() -> None:
     expr = (
         'histogram_quantile(0.95, sum by (le, handler) (rate(a_bucket{x="y:z", b!~"2..|404"}'
         "[$__rate_interval]))) / on (instance) group_left (job) b:c:rate5m > bool 1"
-        " or label_replace(d, \"l\", \"v\", \"\", \"\")"
+        ' or label_replace(d, "l", "v", "", "")'
     )
     assert metric_names(expr) == {"a_bucket", "b:c:rate5m", "d"}
 
@@ -195,7 +193,7 @@ def exported(text: str) -> set[str]:
     declared family will show once it has a child (a labelled counter or
     histogram is declared before its first observation).
     """
-    names = set()
+    names: set[str] = set()
     for line in text.splitlines():
         declared = re.match(r"# TYPE (\S+) (\w+)", line)
         if declared is not None:
@@ -247,11 +245,7 @@ def test_rules_metrics_exported(daemon_metrics: set[str]) -> None:
     for rule in rules():
         named |= metric_names(rule["expr"])
     unknown = (
-        named
-        - daemon_metrics
-        - recorded()
-        - FROM_PROMETHEUS
-        - ADDED_BY_THE_COHERENT_CACHE_CHANGE
+        named - daemon_metrics - recorded() - FROM_PROMETHEUS - ADDED_BY_THE_COHERENT_CACHE_CHANGE
     )
     assert unknown == set()
 

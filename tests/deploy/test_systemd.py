@@ -177,14 +177,14 @@ class Activated:
         environment.update(
             USERLI_BASE_URL=userli.url,
             USERLI_TOKEN=TOKEN,
-            METRICS_LISTEN_ADDR="%s:%d" % self.metrics,
+            METRICS_LISTEN_ADDR=f"{self.metrics[0]}:{self.metrics[1]}",
         )
         # systemd-socket-activate passes on only what -E names.
         env = daemon_environment(environment)
         command = [
             "systemd-socket-activate",
-            "--listen=%s:%d" % self.socketmap,
-            "--listen=%s:%d" % self.policy,
+            f"--listen={self.socketmap[0]}:{self.socketmap[1]}",
+            f"--listen={self.policy[0]}:{self.policy[1]}",
             f"--listen={self.sasl}",
             "--fdname=socketmap:policy:sasl",
         ]
@@ -236,7 +236,8 @@ def test_socket_activation(activated: Activated) -> None:
     with status 0.
     """
     status, stdout, stderr = postmap(
-        "info@example.org", "socketmap:inet:%s:%d:alias" % activated.socketmap
+        "info@example.org",
+        f"socketmap:inet:{activated.socketmap[0]}:{activated.socketmap[1]}:alias",
     )
     assert (status, stdout.strip(), stderr) == (0, "alice@example.org", ""), activated.output()
     with SocketmapClient(activated.socketmap) as client:
@@ -246,7 +247,7 @@ def test_socket_activation(activated: Activated) -> None:
     with SASLClient(activated.sasl) as client:
         assert client.plain("alice@example.org", "alice-password").startswith(b"OK\t1\t")
     wait_for(lambda: accepts(activated.metrics), "/metrics")
-    status_code, body = http_get("http://%s:%d/health" % activated.metrics)
+    status_code, body = http_get(f"http://{activated.metrics[0]}:{activated.metrics[1]}/health")
     assert status_code == 200, body
     output = activated.output()
     for name in ("socketmap", "policy", "sasl"):
