@@ -20,7 +20,9 @@ import sys
 DEFAULT = ":10002"
 TIMEOUT = 3.0
 
-_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})$")
+_HOST_PORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/]*)):(?P<port>[0-9]{1,5})$"
+)
 # Twisted endpoint descriptions split on ':' not preceded by a backslash.
 _SEPARATOR = re.compile(r"(?<!\\):")
 
