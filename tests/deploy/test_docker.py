@@ -142,14 +142,6 @@ def container(
     yield from _running(docker_engine, module_userli)
 
 
-@pytest.fixture
-def own_container(
-    docker_engine: Engine, image: Built, module_userli: FakeUserliServer
-) -> Iterator[Container]:
-    """A running container of the image for one test (one that stops it)."""
-    yield from _running(docker_engine, module_userli)
-
-
 def test_lookup_answered(container: Container) -> None:
     """The container answers Postfix's own socketmap client (C{postmap -q})."""
     target = f"socketmap:inet:{container.socketmap[0]}:{container.socketmap[1]}:alias"
@@ -194,41 +186,24 @@ def test_turns_healthy(container: Container) -> None:
     assert all(entry["ExitCode"] == 0 for entry in health["Log"][-1:]), health
 
 
-def test_unhealthy_without_health_endpoint(docker_engine: Engine, image: Built) -> None:
+def test_health_check_follows_metrics_listen_addr(container: Container) -> None:
     """
-    The health check fails when nothing answers where METRICS_LISTEN_ADDR
-    points (here: the check run by hand in a container whose daemon is not
-    started).
+    The health check run in the container with METRICS_LISTEN_ADDR pointing
+    where nothing listens fails (exit 1), so its pass comes from asking the
+    daemon where that variable says.
     """
-    result = docker_engine.docker(
-        "run",
-        "--rm",
-        "--network=host",
+    result = container.engine.docker(
+        "exec",
         "--env",
         f"METRICS_LISTEN_ADDR=127.0.0.1:{free_port()}",
-        "--entrypoint",
+        container.name,
         "python3",
-        IMAGE,
         "-I",
         "/opt/userli-postfix/healthcheck.py",
         check=False,
     )
     assert result.returncode == 1, result
     assert "/health" in result.stderr
-
-
-def test_docker_stop_exits_zero(own_container: Container) -> None:
-    """
-    C{docker stop} with a 5 s grace (half Docker's default) ends the daemon
-    by SIGTERM with exit status 0: had it needed longer, Docker would have
-    killed it (137).
-    """
-    container = own_container
-    container.engine.docker("stop", "--time", "5", container.name, timeout=60)
-    state = container.state()
-    assert state["Running"] is False
-    assert (state["ExitCode"], state["OOMKilled"]) == (0, False), container.logs()
-    assert "Stopped" in container.logs()
 
 
 def _saved(engine: Engine, image: str) -> tarfile.TarFile:
@@ -289,3 +264,17 @@ def test_no_build_secrets_in_image(docker_engine: Engine, image: Built) -> None:
     assert [p for p in added if p.endswith("pip.conf") or "run/secrets" in p] == []
     assert [p for p in added if "/site-packages/pip/" in p] == []
     assert any(p.startswith("opt/userli-postfix/") for p in added)
+
+
+def test_docker_stop_exits_zero(container: Container) -> None:
+    """
+    C{docker stop} with a 5 s grace (half Docker's default) ends the daemon,
+    after the traffic of the tests above, by SIGTERM with exit status 0: had
+    it needed longer, Docker would have killed it (137).  Last in this
+    module: it stops the container the tests above share.
+    """
+    container.engine.docker("stop", "--time", "5", container.name, timeout=60)
+    state = container.state()
+    assert state["Running"] is False
+    assert (state["ExitCode"], state["OOMKilled"]) == (0, False), container.logs()
+    assert "Stopped" in container.logs()
