@@ -277,6 +277,9 @@ def base_image(engine: Engine, workdir: Path) -> str:
     if debootstrap is None:
         raise AssertionError("debootstrap is not installed (apt-get install debootstrap)")
     root = Path(tempfile.mkdtemp(prefix="base-", dir=workdir))
+    # mkdtemp makes it 0700, and it becomes the image's "/": no other user
+    # could reach any file.
+    root.chmod(0o755)
     try:
         result = _run(
             [
