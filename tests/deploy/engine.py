@@ -180,9 +180,10 @@ def start_engine(directory: Path | None = None) -> Engine:
     host = f"unix://{socket_path}"
     if _answers(host):
         return Engine(host)
-    dockerd = shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin:/sbin")
+    # In /usr/sbin: scripts/test.sh puts it on PATH.
+    dockerd = shutil.which("dockerd")
     if dockerd is None:
-        raise Unavailable("dockerd is not installed (apt-get install docker.io)")
+        raise Unavailable("dockerd is not installed or not on PATH (apt-get install docker.io)")
     if os.geteuid() != 0:
         raise Unavailable("starting a private dockerd needs root")
     log = open(directory / "dockerd.log", "ab")
@@ -273,7 +274,7 @@ def base_image(engine: Engine, workdir: Path) -> str:
     tag = f"userli-postfix-test-base:{release}"
     if engine.docker("image", "inspect", tag, check=False).returncode == 0:
         return tag
-    debootstrap = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin:/sbin")
+    debootstrap = shutil.which("debootstrap")
     if debootstrap is None:
         raise AssertionError("debootstrap is not installed (apt-get install debootstrap)")
     root = Path(tempfile.mkdtemp(prefix="base-", dir=workdir))
