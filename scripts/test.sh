@@ -1,7 +1,10 @@
 #!/bin/sh
 # Runs the whole test suite on a fresh Debian machine (as root, or with sudo
-# available): installs redis-server and postfix when they are missing, the
-# Python packages from PyPI, then runs every test with pytest.
+# available): installs redis-server and postfix when they are missing, and
+# for the deployment tests docker.io, debootstrap, prometheus (promtool),
+# systemd's tools and docker-compose, the Python packages from PyPI, then
+# runs every test with pytest (the Docker image tests start their own
+# dockerd when none runs).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -22,6 +25,26 @@ if [ -n "$missing" ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 
+# The deployment tests (tests/deploy): a Docker engine and client, debootstrap
+# for the image's base, promtool, systemd's own checkers, and Compose.
+# Without them those tests skip, saying why; so a failed install here is
+# reported, not fatal.
+deploy_missing=""
+command -v dockerd >/dev/null 2>&1 || deploy_missing="$deploy_missing docker.io"
+command -v debootstrap >/dev/null 2>&1 || deploy_missing="$deploy_missing debootstrap"
+command -v promtool >/dev/null 2>&1 || deploy_missing="$deploy_missing prometheus"
+command -v systemd-analyze >/dev/null 2>&1 || deploy_missing="$deploy_missing systemd"
+command -v systemd-socket-activate >/dev/null 2>&1 || deploy_missing="$deploy_missing systemd"
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 \
+    || deploy_missing="$deploy_missing docker-compose"
+if [ -n "$deploy_missing" ]; then
+    echo "Installing from apt:$deploy_missing"
+    { [ -n "$missing" ] || $SUDO apt-get update -qq; } \
+        && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            $deploy_missing >/dev/null \
+        || echo "Could not install$deploy_missing: the tests that need them will be skipped."
+fi
+
 if [ "$#" -eq 0 ]; then
     # The whole run (CI's) first proves the lower bounds of setup.cfg: the
     # unit tests on the versions in constraints/minimum.txt, in a second
@@ -33,6 +56,7 @@ if [ "$#" -eq 0 ]; then
         CONSTRAINTS=constraints/minimum.txt
         . scripts/venv.sh
         .venv-min/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/integration \
+            --ignore=tests/deploy \
             -m "not integration" tests
     )
 fi
