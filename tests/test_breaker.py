@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -31,7 +31,10 @@ from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.policy import PolicyRequest, QuotaPolicy
 from userli_postfix.ratelimit import MemoryRateLimiter
-from userli_postfix.userli import CircuitOpen, UserliClient, UserliError
+from userli_postfix.userli import CircuitOpen, NoAnswer, UserliClient, UserliError
+
+# How long a slow Userli takes to answer (within the 5 s deadline).
+SLOW = 2.0
 
 # Steps of the state machine: (time to advance, event, expected admit
 # result after the event, expected state).  Events: "ok"/"fail" record the
@@ -167,6 +170,50 @@ class StateMachineTests(SynchronousTestCase):
         mine = [e for e in events if e.get("log_namespace") == "userli_postfix.breaker"]
         self.assertEqual(len(mine), 2)
 
+    def test_late_probe_failure_is_stale(self) -> None:
+        """
+        A probe whose caller gave up (L{CircuitBreaker.probeUnanswered}) and
+        whose request fails later does not push back the probe that took
+        its place, nor open anything anew.
+        """
+        clock = Clock()
+        breaker = CircuitBreaker(clock)
+        for _ in range(FAILURES_TO_OPEN):
+            attempt = breaker.admit()
+            assert attempt is not None
+            breaker.record(attempt, False)
+        clock.advance(PROBE_INTERVAL)
+        first = breaker.admit()
+        assert first is not None and first.probe
+        clock.advance(PROBE_TIMEOUT)
+        breaker.probeUnanswered(first)
+        self.assertIs(breaker.state, State.OPEN)
+        clock.advance(PROBE_INTERVAL)
+        second = breaker.admit()
+        assert second is not None and second.probe and second is not first
+        breaker.record(first, False)
+        self.assertIs(breaker.state, State.PROBING)
+        self.assertIsNone(breaker.admit())
+        breaker.record(second, True)
+        self.assertIs(breaker.state, State.CLOSED)
+
+    def test_late_probe_answer_closes(self) -> None:
+        """A probe answered after its caller gave up still closes the breaker."""
+        clock = Clock()
+        breaker = CircuitBreaker(clock)
+        for _ in range(FAILURES_TO_OPEN):
+            attempt = breaker.admit()
+            assert attempt is not None
+            breaker.record(attempt, False)
+        clock.advance(PROBE_INTERVAL)
+        probe = breaker.admit()
+        assert probe is not None
+        clock.advance(PROBE_TIMEOUT)
+        breaker.probeUnanswered(probe)
+        clock.advance(1.0)
+        breaker.record(probe, True)
+        self.assertIs(breaker.state, State.CLOSED)
+
 
 def _changes(steps: list[tuple[float, str, str]]) -> list[bool]:
     """The open/close notifications a row implies."""
@@ -196,6 +243,11 @@ class ClientBreakerTests(SynchronousTestCase):
             return defer.Deferred()
         if self.mode == "refused":
             return defer.fail(error.ConnectionRefusedError())
+        if self.mode == "slow":
+            # Answers, but only SLOW seconds later.
+            return task.deferLater(self.clock, SLOW, lambda: None).addCallback(
+                lambda _: self.stub.request(method, url, **kwargs)
+            )
         return self.stub.request(method, url, **kwargs)  # type: ignore[no-any-return]
 
     def client(self) -> UserliClient:
@@ -320,3 +372,49 @@ class Answers(resource.Resource):
         if self.test.mode == "garbage":
             return b"<html>proxy error</html>"
         return b"true"
+
+    def test_slow_answer_to_probe_closes(self) -> None:
+        """
+        A Userli back from an outage but slow (answers in 2 s, within the
+        normal deadline): the probe's caller is answered at the probe
+        deadline, the request runs on, and its answer closes the breaker.
+        """
+        client = self.client()
+        self.open(client)
+        self.mode = "slow"
+        self.clock.advance(PROBE_INTERVAL)
+        probe = client.domain("example.org")
+        self.clock.advance(PROBE_TIMEOUT)
+        self.failureResultOf(probe, NoAnswer)
+        self.assertTrue(client.breaker.isOpen)
+        self.clock.advance(SLOW - PROBE_TIMEOUT)
+        self.stub.flush()
+        self.assertFalse(client.breaker.isOpen)
+        self.mode = "ok"
+        d = client.domain("example.org")
+        self.stub.flush()
+        self.assertTrue(self.successResultOf(d))
+
+    def test_next_probe_while_one_hangs(self) -> None:
+        """
+        A probe sent to a hanging Userli does not hold up the next: one
+        interval after its caller gave up, another goes out, and when that
+        one is answered the breaker closes; the first one's timeout later
+        changes nothing.
+        """
+        client = self.client()
+        self.open(client)
+        self.clock.advance(PROBE_INTERVAL)
+        first = client.domain("example.org")
+        self.clock.advance(PROBE_TIMEOUT)
+        self.failureResultOf(first, NoAnswer)
+        self.mode = "ok"
+        self.failureResultOf(client.domain("example.org"), CircuitOpen)
+        self.clock.advance(PROBE_INTERVAL)
+        second = client.domain("example.org")
+        self.stub.flush()
+        self.assertTrue(self.successResultOf(second))
+        self.assertFalse(client.breaker.isOpen)
+        self.clock.advance(5)
+        self.assertFalse(client.breaker.isOpen)
+        self.assertEqual(self.sample("circuit_breaker_opened_total"), 1.0)

@@ -13,14 +13,21 @@ The states, on an injected clock:
 
 - closed: every call goes out; L{FAILURES_TO_OPEN} failures in a row open it.
 - open: calls fail fast; L{PROBE_INTERVAL} after opening (or after the last
-  failed probe) the next call goes out as the one probe, with a deadline of
-  at most L{PROBE_TIMEOUT}, while the others keep failing fast.
-- the probe's outcome: an answer closes the breaker, another failure keeps
-  it open.  Any answer to an older call closes it too.
+  failed probe) the next call goes out as the one probe, while the others
+  keep failing fast.  Its caller is answered within L{PROBE_TIMEOUT}; the
+  request itself runs on to the normal deadline.
+- the probe's outcome: an answer closes the breaker; no answer within
+  L{PROBE_TIMEOUT} keeps it open and the next probe follows an interval
+  later.  Any answer to an older call, such as a probe answered after its
+  caller gave up, closes it too.
 
 So service resumes at most about C{PROBE_INTERVAL + PROBE_TIMEOUT} (1.5 s)
-after Userli is back, and a Userli that answers within the probe's deadline
-is never kept "open" for more than about a second.
+after Userli is back, even when a probe went out to a Userli that hung and
+never answers it; and a Userli that answers again, however slowly within
+the normal deadline, closes the breaker with its first answer to a probe.
+Only one probe is awaited at a time; those that outlived their short
+deadline (at most a few, one per 1.5 s of the 5 s deadline) are only
+listened to.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ log = Logger()
 FAILURES_TO_OPEN = 5
 # How long calls fail fast before one is let through to find out.
 PROBE_INTERVAL = 0.5
-# The probe's deadline: short, so that a probe sent to a hanging Userli
-# just before it comes back does not hold service up for a whole deadline.
+# How long a probe's caller waits, and how long until the next probe: short,
+# so that a probe sent to a hanging Userli just before it comes back does
+# not hold service up for a whole deadline.  The probe's request keeps the
+# normal deadline, so a slow answer still closes the breaker.
 PROBE_TIMEOUT = 1.0
 
 # What a call that never got an answer fails with: its deadline expired, or
@@ -69,9 +78,13 @@ class State(Enum):
     PROBING = "probing"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Attempt:
-    """A call let through: the deadline cap it has, and whether it is the probe."""
+    """
+    A call let through: how long its caller may wait for it (infinite: the
+    call's own deadline), and whether it is the probe.  Compared by
+    identity: each probe is its own attempt.
+    """
 
     timeout: float
     probe: bool = False
@@ -105,6 +118,7 @@ class CircuitBreaker:
         self._failures = 0
         self._openedAt = 0.0
         self._retryAt = 0.0
+        self._probe: Attempt | None = None
 
     @property
     def isOpen(self) -> bool:
@@ -117,8 +131,21 @@ class CircuitBreaker:
             return _NORMAL
         if self.state is State.OPEN and self._clock.seconds() >= self._retryAt:
             self.state = State.PROBING
-            return Attempt(timeout=self._probeTimeout, probe=True)
+            self._probe = Attempt(timeout=self._probeTimeout, probe=True)
+            return self._probe
         return None
+
+    def probeUnanswered(self, attempt: Attempt) -> None:
+        """
+        The probe C{attempt} got no answer within its caller's deadline:
+        keep failing fast and send the next probe an interval from now.
+        Its request goes on; should it be answered later, L{record} closes
+        the breaker then.
+        """
+        if attempt is self._probe and self.state is State.PROBING:
+            self._probe = None
+            self.state = State.OPEN
+            self._retryAt = self._clock.seconds() + self._interval
 
     def record(self, attempt: Attempt, answered: bool) -> None:
         """The outcome of a call L{admit} let through."""
@@ -128,8 +155,8 @@ class CircuitBreaker:
                 self._close()
             return
         if attempt.probe:
-            self.state = State.OPEN
-            self._retryAt = self._clock.seconds() + self._interval
+            # A failed probe, unless a later one has taken its place.
+            self.probeUnanswered(attempt)
             return
         if self.state is State.CLOSED:
             self._failures += 1
@@ -151,6 +178,7 @@ class CircuitBreaker:
 
     def _close(self) -> None:
         self.state = State.CLOSED
+        self._probe = None
         self._failures = 0
         log.info(
             "The Userli API answers again after {seconds:.1f} s: calls go out again",

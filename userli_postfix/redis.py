@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from userli_postfix.config import RedisTarget
+from userli_postfix.deadlines import answerWithin
 
 log = Logger()
 
@@ -58,37 +59,6 @@ TRACKING_PING = 1.0
 
 class RedisUnavailable(Exception):
     """Redis did not answer: not connected, timed out, or the connection broke."""
-
-
-def _withDeadline(
-    inner: defer.Deferred[Any], seconds: float, clock: IReactorTime
-) -> defer.Deferred[Any]:
-    """
-    Fire with C{inner}'s result, or fail after C{seconds}.
-
-    C{inner} itself is never cancelled: txredisapi matches replies to
-    commands by position, and cancelling a waiting command would hand the
-    next command this one's reply.
-    """
-    outer: defer.Deferred[Any] = defer.Deferred()
-
-    def expire() -> None:
-        if not outer.called:
-            outer.errback(RedisUnavailable(f"no reply within {seconds:g} s"))
-
-    timer = clock.callLater(seconds, expire)
-
-    def done(result: Any) -> None:
-        if timer.active():
-            timer.cancel()
-        if not outer.called:
-            outer.callback(result)
-        elif isinstance(result, Failure):
-            # Already timed out: the late failure is expected and handled.
-            pass
-
-    inner.addBoth(done)
-    return outer
 
 
 class _KeepTrying:
@@ -420,7 +390,15 @@ class RedisClient:
                 return failure
             return Failure(RedisUnavailable(f"{type(failure.value).__name__}: {failure.value}"))
 
-        return _withDeadline(inner, self.commandTimeout, self.clock).addErrback(translate)
+        seconds = self.commandTimeout
+        # Never cancelled (see L{answerWithin}): txredisapi matches replies
+        # to commands by position.
+        return answerWithin(
+            inner,
+            seconds,
+            self.clock,
+            lambda: RedisUnavailable(f"no reply within {seconds:g} s"),
+        ).addErrback(translate)
 
     def stop(self) -> defer.Deferred[None]:
         """Close every connection and stop reconnecting."""

@@ -29,6 +29,7 @@ from twisted.web.iweb import IResponse
 from userli_postfix import __version__
 from userli_postfix.breaker import CircuitBreaker, unanswered
 from userli_postfix.config import API_TIMEOUT
+from userli_postfix.deadlines import answerWithin
 from userli_postfix.metrics import Metrics
 
 log = Logger()
@@ -246,7 +247,7 @@ class UserliClient:
         if attempt is None:
             return defer.fail(CircuitOpen("the API is not answering: not asked"))
         started = self._clock.seconds()
-        deadline = min(self._timeout if timeout is None else timeout, attempt.timeout)
+        deadline = self._timeout if timeout is None else timeout
         status_label = ["error"]
 
         def decode(answer: tuple[int, bytes]) -> T:
@@ -296,6 +297,14 @@ class UserliClient:
         # attempt fails with its own error), a timeout reads as one.
         d.addTimeout(deadline, self._clock, onTimeoutCancel=self._timedOut)
         d.addBoth(observe)
+        if attempt.timeout < deadline:
+            # The breaker's probe: its caller is answered soon, while the
+            # request runs on, so that a slow answer still closes it.
+            def probeUnanswered() -> NoAnswer:
+                self.breaker.probeUnanswered(attempt)
+                return NoAnswer(f"no answer within {attempt.timeout:g} s")
+
+            return answerWithin(d, attempt.timeout, self._clock, probeUnanswered)
         return d
 
     @staticmethod
