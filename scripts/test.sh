@@ -2,9 +2,10 @@
 # Runs the whole test suite on a fresh Debian machine (as root, or with sudo
 # available): installs redis-server and postfix when they are missing, and
 # for the deployment tests docker.io, debootstrap, prometheus (promtool),
-# systemd's tools and docker-compose, the Python packages from PyPI, then
-# runs every test with pytest (the Docker image tests start their own
-# dockerd when none runs).
+# systemd's tools and docker-compose, the Python packages from PyPI, runs
+# the checks (ruff check, ruff format --check, mypy), then runs every test
+# with pytest (the Docker image tests start their own dockerd when none
+# runs).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -45,8 +46,24 @@ if [ -n "$deploy_missing" ]; then
         || echo "Could not install$deploy_missing: the tests that need them will be skipped."
 fi
 
+VENV=.venv
+EXTRAS="[test,dev]"
+. scripts/venv.sh
+
+# The checks, before any test and on every run: a failed one fails the run,
+# after all three have had their say.
+LINTED="userli_postfix tests twisted benchmarks"
+failed=""
+.venv/bin/ruff check $LINTED || failed="$failed, ruff check"
+.venv/bin/ruff format --check $LINTED || failed="$failed, ruff format --check"
+.venv/bin/mypy || failed="$failed, mypy"
+if [ -n "$failed" ]; then
+    echo "Checks failed: ${failed#, }" >&2
+    exit 1
+fi
+
 if [ "$#" -eq 0 ]; then
-    # The whole run (CI's) first proves the lower bounds of setup.cfg: the
+    # The whole run (CI's) then proves the lower bounds of setup.cfg: the
     # unit tests on the versions in constraints/minimum.txt, in a second
     # virtualenv.  A run given arguments (a developer's loop) skips this.
     echo "Unit tests on the lowest versions allowed (constraints/minimum.txt):"
@@ -60,9 +77,5 @@ if [ "$#" -eq 0 ]; then
             -m "not integration" tests
     )
 fi
-
-VENV=.venv
-EXTRAS="[test]"
-. scripts/venv.sh
 
 exec .venv/bin/python -m pytest "$@"

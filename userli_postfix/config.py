@@ -201,7 +201,7 @@ def listen_endpoint(variable: str, value: str) -> str:
     try:
         # Building the endpoint checks the description; the reactor is only
         # stored, and none is needed (nor the 2 MB of a fake one) to check.
-        serverFromString(None, description)  # type: ignore[arg-type]
+        serverFromString(None, description)
     except Exception as exc:
         if prefix == "systemd":
             raise ConfigError(

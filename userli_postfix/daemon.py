@@ -79,7 +79,7 @@ class DaemonService(MultiService):
         inherited: dict[str, int] | None = None,
         workers: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._clock = clock
         self._observer = observer
         self._pool = pool
@@ -96,7 +96,7 @@ class DaemonService(MultiService):
         # starts logging; that is how LOG_LEVEL and LOG_FORMAT reach it.
         if self._observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self._observer)
-        super().setServiceParent(parent)
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
 
     def addListener(self, name: str, description: str, factory: Any) -> None:
         """
@@ -120,8 +120,8 @@ class DaemonService(MultiService):
         else:
             endpoint = serverFromString(self._clock, description)
         service = ListeningService(endpoint, factory, LISTENER_VARIABLES[name], description)
-        service.setName(name)
-        service.setServiceParent(self)
+        service.setName(name)  # type: ignore[no-untyped-call]
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._descriptions[name] = description
         if isinstance(factory, LimitedFactory):
             self._factories.append(factory)
@@ -138,7 +138,7 @@ class DaemonService(MultiService):
         if self._clock is reactor:
             signals.install(reactor)
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
         except CannotListen as failure:
             log.critical("{message}", message=str(failure))
             _oneLineWhenUncaught(failure)
@@ -150,7 +150,7 @@ class DaemonService(MultiService):
     def startService(self) -> None:
         if self._redis is not None:
             self._redis.start()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         for name, description in self._descriptions.items():
             log.info("{name} listening on {endpoint}", name=name, endpoint=description)
 
@@ -275,7 +275,7 @@ def build(
         "http", config.metrics_listen, makeSite(Web(metrics, client, metricsResource))
     )
     if metricsDirectory is not None:
-        workers.WorkerPool(
+        workers.WorkerPool(  # type: ignore[no-untyped-call]
             reactor,
             config.workers,
             daemon.ports,
@@ -284,7 +284,7 @@ def build(
             metricsDirectory,
         ).setServiceParent(daemon)
     if inherited is not None:
-        workers.ParentWatch(reactor).setServiceParent(daemon)
+        workers.ParentWatch(reactor).setServiceParent(daemon)  # type: ignore[no-untyped-call]
     if hasattr(reactor, "callWhenRunning"):
         # Everything built so far lives as long as the process: keep it out
         # of the collector's scans, so a full collection under load takes

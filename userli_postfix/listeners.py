@@ -127,17 +127,17 @@ class ServingMixin(TimeoutMixin):
         )
         self._paused = False
         self.factory.connectionOpened(self)
-        self.setTimeout(self.idleTimeout())
+        self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
         super().connectionMade()  # type: ignore[misc]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.replies.closed = True
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
         self.factory.connectionClosed(self)
         super().connectionLost(reason)  # type: ignore[misc]
 
     def _writeReply(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[attr-defined]
+        self.transport.write(data)
 
     def reply(self, answer: defer.Deferred[bytes] | bytes) -> None:
         """Queue the answer to the request just parsed."""
@@ -155,24 +155,24 @@ class ServingMixin(TimeoutMixin):
             return
         pending = len(self.replies)
         if pending:
-            self.setTimeout(None)
+            self.setTimeout(None)  # type: ignore[no-untyped-call]
             if pending >= MAX_PIPELINED and not self._paused:
                 self._paused = True
-                self.transport.pauseProducing()  # type: ignore[attr-defined]
+                self.transport.pauseProducing()
         else:
-            self.setTimeout(self.idleTimeout())
+            self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
             if self.factory.draining:
-                self.transport.loseConnection()  # type: ignore[attr-defined]
+                self.transport.loseConnection()
         if self._paused and pending < MAX_PIPELINED // 2 and not self.replies.closed:
             self._paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.resumeProducing()
 
     def timeoutConnection(self) -> None:
         log.debug("Closing idle connection")
-        self.transport.loseConnection()  # type: ignore[attr-defined]
+        self.transport.loseConnection()
 
 
-class LimitedFactory(Factory):
+class LimitedFactory(Factory[Protocol]):
     """
     A factory that refuses connections beyond a limit, keeps the gauges of
     open connections, and drains its connections at shutdown.
@@ -199,14 +199,14 @@ class LimitedFactory(Factory):
         self._unreported = 0
         self._lastReport: float | None = None
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if self.draining or len(self.connections) >= self.max_connections:
             # Returning None makes Twisted close the new connection at once.
             if self._refused is not None:
                 self._refused.inc()
             self._reportRefusal()
             return None
-        return super().buildProtocol(addr)  # type: ignore[return-value]
+        return super().buildProtocol(addr)
 
     def _reportRefusal(self) -> None:
         self._unreported += 1
@@ -254,11 +254,11 @@ class LimitedFactory(Factory):
         self._allClosed.append(done)
         for protocol in list(self.connections):
             if not protocol.outstanding:
-                protocol.transport.loseConnection()  # type: ignore[attr-defined]
+                protocol.transport.loseConnection()
 
         def abortRest() -> None:
             for protocol in list(self.connections):
-                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+                protocol.transport.abortConnection()
 
         timer = self.clock.callLater(grace, abortRest)
 

@@ -148,11 +148,11 @@ class ListeningService(Service):
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
         self._listen()
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if self.port is None:
             self._listen()
 
@@ -168,7 +168,7 @@ class ListeningService(Service):
         self.port = outcome[0]
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)

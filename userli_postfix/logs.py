@@ -152,7 +152,7 @@ def destination(format: str, twistd: Mapping[str, Any] | None) -> ILogObserver:
 
         prefix = options.get("prefix") or "twisted"
         # twisted.python.syslog has no type hints; its observer is a legacy one.
-        emit = SyslogObserver(prefix).emit  # type: ignore[no-untyped-call]
+        emit = SyslogObserver(prefix).emit
         syslogObserver = LegacyLogObserverWrapper(cast(ILegacyLogObserver, emit))
         return SyslogPriority(syslogObserver, format)
     filename = options.get("logfile") or ""
@@ -165,7 +165,7 @@ def destination(format: str, twistd: Mapping[str, Any] | None) -> ILogObserver:
         if nodaemon:
             return streamObserver(sys.stdout, format)
         filename = DEFAULT_LOGFILE
-    logFile = LogFile.fromFullPath(filename)  # type: ignore[no-untyped-call]
+    logFile = LogFile.fromFullPath(filename)
     _rotateOnSIGUSR1(logFile)
     return streamObserver(logFile, format)
 

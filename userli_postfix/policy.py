@@ -365,7 +365,7 @@ def _frame(action: str) -> bytes:
 _DUNNO_REPLY = _frame(DUNNO)
 
 
-class PolicyProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
+class PolicyProtocol(ServingMixin, LineReceiver):
     """
     One Postfix policy connection: requests one after another, each
     answered in order, the connection kept open between them.  A line
@@ -385,7 +385,7 @@ class PolicyProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
     def lineReceived(self, line: bytes) -> None:
         if not self._lines:
             # Once per request, not per line: a request has about 40 lines.
-            self.resetTimeout()
+            self.resetTimeout()  # type: ignore[no-untyped-call]
         if not line or line == b"\r":
             request = PolicyRequest(**self._attributes)
             self._attributes = {}
@@ -395,7 +395,7 @@ class PolicyProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
         self._lines += 1
         if self._lines > MAX_ATTRIBUTES:
             log.warn("Closing a policy connection: more than {n} attributes", n=MAX_ATTRIBUTES)
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
             return
         attribute = parse_attribute(line)
         if attribute is not None:
@@ -413,13 +413,13 @@ class PolicyProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn("Closing a policy connection: line longer than {n} bytes", n=MAX_LINE)
-        self.transport.loseConnection()  # type: ignore[attr-defined]
+        self.transport.loseConnection()
 
 
 class PolicyFactory(LimitedFactory):
     """Builds policy connections, at most 500 at a time."""
 
-    protocol = PolicyProtocol  # type: ignore[assignment]
+    protocol = PolicyProtocol
     noisy = False
 
     def __init__(

@@ -76,11 +76,11 @@ class _KeepTrying:
         return defer.succeed(None)
 
 
-class _Factory(_KeepTrying, txredisapi.RedisFactory):
+class _Factory(_KeepTrying, txredisapi.RedisFactory):  # type: ignore[misc]
     """A pool of connections to one Redis server."""
 
 
-class _MasterFactory(_KeepTrying, txredisapi.SentinelConnectionFactory):
+class _MasterFactory(_KeepTrying, txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
     """Connections to the master a Sentinel names, retried at least every second."""
 
     def retryDelay(self, attempt: int) -> float:

@@ -310,7 +310,7 @@ class _Exchange:
     login: str = ""
 
 
-class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
+class SASLServerProtocol(ServingMixin, LineReceiver):
     """
     One auth connection from Postfix.
 
@@ -361,7 +361,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
             b"COOKIE\t" + factory.newCookie().encode("ascii"),
             b"DONE",
         ]
-        self.transport.write(b"".join(line + b"\n" for line in handshake))  # type: ignore[attr-defined]
+        self.transport.write(b"".join(line + b"\n" for line in handshake))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
@@ -385,13 +385,13 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     def _closeIfDrained(self) -> None:
         if self.factory.draining and not self._closed and not self.outstanding:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # Without the end of the line there is no way back into the
         # framing; Postfix never sends such a line.
         log.warn("Closing SASL connection: a line longer than {limit} bytes", limit=MAX_LINE)
-        self.transport.loseConnection()  # type: ignore[attr-defined]
+        self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
@@ -425,7 +425,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
                 "Closing SASL connection: the client speaks protocol version {major}, not 1",
                 major=major,
             )
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
             return
         log.debug("SASL client protocol version {major}", major=major)
 
@@ -660,7 +660,7 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     def _writeLine(self, line: bytes) -> None:
         if not self._closed:
-            self.transport.write(line + b"\n")  # type: ignore[attr-defined]
+            self.transport.write(line + b"\n")
 
     # Connection discipline
 
@@ -669,23 +669,23 @@ class SASLServerProtocol(ServingMixin, LineReceiver):  # type: ignore[misc]
 
     def _rearm(self) -> None:
         if not self._closed and not self._inflight:
-            self.setTimeout(self.idleTimeout())
+            self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
 
     def _inflightChanged(self) -> None:
         if self._paused and self._inflight < MAX_QUEUED // 2 and not self._closed:
             self._paused = False
             # Parses the lines received meanwhile (which may pause again),
             # before a draining connection is found idle and closed.
-            self.resumeProducing()
+            self.resumeProducing()  # type: ignore[no-untyped-call]
         if self._inflight:
-            self.setTimeout(None)
+            self.setTimeout(None)  # type: ignore[no-untyped-call]
             if self._inflight >= MAX_QUEUED and not self._paused:
                 # LineReceiver's pause, not only the transport's: lines
                 # already received and not yet parsed must wait too.
                 self._paused = True
-                self.pauseProducing()
+                self.pauseProducing()  # type: ignore[no-untyped-call]
         else:
-            self.setTimeout(self.idleTimeout())
+            self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
             self._closeIfDrained()
 
 
@@ -714,7 +714,7 @@ class SASLFactory(LimitedFactory):
     and a fresh cookie per connection).
     """
 
-    protocol = SASLServerProtocol  # type: ignore[assignment]
+    protocol = SASLServerProtocol
 
     def __init__(
         self,

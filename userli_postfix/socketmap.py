@@ -44,7 +44,7 @@ class SocketmapProtocol(ServingMixin, NetstringReceiver):
 class SocketmapFactory(LimitedFactory):
     """Builds socketmap connections, at most 500 at a time."""
 
-    protocol = SocketmapProtocol  # type: ignore[assignment]
+    protocol = SocketmapProtocol
     noisy = False
 
     def __init__(self, clock: IReactorTime, lookups: Lookups, metrics: Metrics) -> None:

@@ -49,7 +49,7 @@ class Options(usage.Options):
         setting ends the process with one line naming the variable.
         """
         try:
-            super().parseOptions(options)
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
         except ConfigError as error:
             sys.stderr.write(f"userli-postfix: configuration error: {error}\n")
             sys.stderr.flush()

@@ -77,7 +77,7 @@ class UserliEndpoints:
         self._reactor = reactor
         self._connectTimeout = connectTimeout
         if policy is None:
-            policy = BrowserLikePolicyForHTTPS()  # type: ignore[no-untyped-call]
+            policy = BrowserLikePolicyForHTTPS()
         self._policy = policy
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
@@ -110,10 +110,10 @@ def makeHTTPClient(
     A treq client over a persistent pool, and the pool (whose
     C{closeCachedConnections} the daemon calls at shutdown).
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+    pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = idlePerHost
     pool.cachedConnectionTimeout = idleTimeout
     pool.retryAutomatically = True
     endpoints = UserliEndpoints(reactor, connectTimeout, policy)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)  # type: ignore[no-untyped-call]
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return HTTPClient(agent), pool

@@ -309,7 +309,7 @@ class UserliClient:
 
     @staticmethod
     def _timedOut(result: object, timeout: float) -> Failure:
-        return Failure(NoAnswer(f"no answer within {timeout:g} s"))  # type: ignore[no-untyped-call]
+        return Failure(NoAnswer(f"no answer within {timeout:g} s"))
 
     def _get(
         self, endpoint: str, key: str, parse: Callable[[int, Any], T], timeout: float | None = None

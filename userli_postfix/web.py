@@ -48,12 +48,12 @@ class MetricsPage(Resource):
     isLeaf = True
 
     def __init__(self, registry: Collector) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._registry = registry
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)  # type: ignore[arg-type]
+        return generate_latest(self._registry)
 
 
 class Web:
@@ -107,10 +107,10 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Any) -> None:  # type: ignore[override]
+    def log(self, request: Any) -> None:
         """Access logging is the reverse proxy's job, not the mail daemon's."""
 
 
 def makeSite(web: Web) -> Site:
     """The HTTP factory for the metrics listener."""
-    return QuietSite(web.app.resource())
+    return QuietSite(web.app.resource())  # type: ignore[no-untyped-call]

@@ -268,7 +268,7 @@ class WorkerPool(Service):
         self._respawns: list[Any] = []
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
         # Once the reactor runs, this process handles SIGTERM: a stop asked
         # for while the children start up then still stops them.
@@ -329,7 +329,7 @@ class WorkerPool(Service):
             self._spawn()
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         for call in self._respawns:
             if call.active():
@@ -385,7 +385,7 @@ class _ParentPipe(abstract.FileDescriptor):
         return fdesc.readFromFD(self._fd, lambda data: None)
 
     def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
         self._gone()
 
 
@@ -403,15 +403,15 @@ class ParentWatch(Service):
         self._parent = os.getppid()
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._parent = os.getppid()
         self._pipe = _ParentPipe(self._reactor, self._fd, self._parentGone)
-        self._pipe.startReading()
+        self._pipe.startReading()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._pipe is not None:
-            self._pipe.stopReading()
+            self._pipe.stopReading()  # type: ignore[no-untyped-call]
             self._pipe = None
 
     def _parentGone(self) -> None:

@@ -143,8 +143,8 @@ def run(
     from twisted.web.client import Agent, HTTPConnectionPool
 
     # One plain Agent, no kept connections: a command makes a call or two.
-    pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
-    agent = Agent(reactor, pool=pool)  # type: ignore[no-untyped-call]
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent(reactor, pool=pool)
     tools = Tools(config, raw, reactor, HTTPClient(agent).request)
     return options, tools, as_json
 
