@@ -14,11 +14,18 @@ import sys
 import tempfile
 from typing import Any
 
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.python import syslog as twisted_syslog
 from twisted.trial.unittest import SynchronousTestCase
 
-from userli_postfix.logs import LEVELS, daemonObserver, makeObserver, withoutCredentials
+from userli_postfix.logs import (
+    LEVELS,
+    daemonObserver,
+    makeObserver,
+    relayedEvent,
+    withoutCredentials,
+    workerObserver,
+)
 
 
 class LevelTests(SynchronousTestCase):
@@ -234,6 +241,28 @@ class SyslogTests(SynchronousTestCase):
         record = json.loads(message.split("] ", 1)[1])
         self.assertEqual(record["message"], "Userli alias lookup failed")
         self.assertEqual(record["level"], "warn")
+
+
+class WorkerLogTests(SynchronousTestCase):
+    """L{workerObserver} and L{relayedEvent}: a worker's events, one line each."""
+
+    def test_round_trip(self) -> None:
+        """An event a worker writes is read back with its message, level and namespace."""
+        stream = io.StringIO()
+        Logger(namespace="ns", observer=workerObserver("debug", stream)).debug(
+            "a {thing}\nwith a newline", thing=object()
+        )
+        (line,) = stream.getvalue().splitlines()
+        event = relayedEvent(line.encode("utf-8"))
+        assert event is not None
+        self.assertEqual(event["log_namespace"], "ns")
+        self.assertIs(event["log_level"], LEVELS["debug"])
+        self.assertTrue(formatEvent(event).startswith("a <object object at "))
+
+    def test_not_events(self) -> None:
+        """Text, other JSON and bytes that are not UTF-8 are not events."""
+        for line in [b"plain", b"[1, 2]", b'{"log_level": "warn"}', b"\xff{}", b""]:
+            self.assertIsNone(relayedEvent(line), line)
 
 
 class CredentialsTests(SynchronousTestCase):

@@ -9,6 +9,7 @@ runs real ones.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -19,20 +20,24 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import userli_postfix
 from userli_postfix.config import MAX_WORKERS, Config, ConfigError
 from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen
+from userli_postfix.logs import workerObserver
 from userli_postfix.workers import (
     LISTENERS_VARIABLE,
+    MAX_LINE,
     METRICS_VARIABLE,
     RESPAWN_DELAY,
     STOP_MARGIN,
     AdoptedEndpoint,
     RecordingEndpoint,
     WorkerPool,
+    _ChildProtocol,
     _removeMetrics,
     childEnvironment,
     forgetProcess,
@@ -209,6 +214,99 @@ class FakeProcess:
         """Nothing to close."""
 
 
+class ChildLogTests(SynchronousTestCase):
+    """L{_ChildProtocol}: what a child writes reaches this process's log."""
+
+    def setUp(self) -> None:
+        self.published: list[dict[str, Any]] = []
+        self.protocol = _ChildProtocol(lambda protocol, reason: None, self.published.append)
+        self.protocol.makeConnection(FakeProcess(1234, self.protocol))
+        # What this process logs itself (lines that are not events).
+        self.own: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.own.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.own.append)
+
+    def childLogger(self, level: str = "info") -> Logger:
+        """A logger set up as in a child; L{written} is what it wrote."""
+        self.stream = io.StringIO()
+        return Logger(namespace="userli_postfix.child", observer=workerObserver(level, self.stream))
+
+    def written(self) -> bytes:
+        """What the child's logger wrote to its stdout."""
+        return self.stream.getvalue().encode("utf-8")
+
+    def test_events_passed_through(self) -> None:
+        """
+        A child's events, split anywhere by the pipe, are published whole
+        and in order in this process: message, level, namespace, time.
+        """
+        logger = self.childLogger()
+        logger.warn("first {what}", what="warning")
+        logger.info("then info")
+        data = self.written()
+        self.assertEqual(data.count(b"\n"), 2, "one line per event")
+        for i in range(0, len(data), 7):
+            self.protocol.outReceived(data[i : i + 7])
+        self.assertEqual(
+            [(formatEvent(e), e["log_level"], e["log_namespace"]) for e in self.published],
+            [
+                ("first warning", LogLevel.warn, "userli_postfix.child"),
+                ("then info", LogLevel.info, "userli_postfix.child"),
+            ],
+        )
+        self.assertIsInstance(self.published[0]["log_time"], float)
+
+    def test_level_applies_in_child(self) -> None:
+        """The child writes only the events at its LOG_LEVEL or above."""
+        logger = self.childLogger("warn")
+        logger.info("dropped")
+        logger.error("kept")
+        self.protocol.outReceived(self.written())
+        self.assertEqual([e["log_format"] for e in self.published], ["kept"])
+
+    def test_failure_kept(self) -> None:
+        """A failure an event carries arrives with its traceback text."""
+        logger = self.childLogger()
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            logger.failure("it broke")
+        self.protocol.outReceived(self.written())
+        (event,) = self.published
+        self.assertIn("ZeroDivisionError", event["log_failure"].getTraceback())
+
+    def test_other_lines(self) -> None:
+        """
+        A line on stdout that is not an event is logged as text (info), one
+        on stderr as an error, both naming the worker; blank lines are not.
+        """
+        self.protocol.outReceived(b"plain text\n\n")
+        self.protocol.errReceived(b"Traceback (most recent call last):\r\n")
+        self.assertEqual(self.published, [])
+        lines = [(e["log_level"], e["pid"], e["line"]) for e in self.own if "line" in e]
+        self.assertEqual(
+            lines,
+            [
+                (LogLevel.info, 1234, "plain text"),
+                (LogLevel.error, 1234, "Traceback (most recent call last):"),
+            ],
+        )
+
+    def test_last_line_without_newline(self) -> None:
+        """What a child wrote last without a newline is logged when its output ends."""
+        self.protocol.errReceived(b"fatal: no newline")
+        self.assertEqual([e for e in self.own if "line" in e], [])
+        self.protocol.childConnectionLost(2)
+        self.assertEqual([e["line"] for e in self.own if "line" in e], ["fatal: no newline"])
+        self.protocol.processEnded(Failure(error.ProcessDone(0)))
+        self.assertEqual(len([e for e in self.own if "line" in e]), 1, "logged once")
+
+    def test_endless_line_in_pieces(self) -> None:
+        """A line without end is logged in pieces instead of piling up in memory."""
+        self.protocol.errReceived(b"x" * (MAX_LINE + 1))
+        self.assertEqual([len(e["line"]) for e in self.own if "line" in e], [MAX_LINE + 1])
+
+
 class WorkerPoolTests(SynchronousTestCase):
     """L{WorkerPool}: starting, replacing and stopping children."""
 
@@ -240,12 +338,12 @@ class WorkerPoolTests(SynchronousTestCase):
     def test_sockets_and_environment(self) -> None:
         """
         Each child gets the listening sockets from fd 3 on, named in its
-        environment, the pipe from the parent on stdin, the parent's stdout
-        and stderr, and the metrics directory.
+        environment, the pipe from the parent on stdin, pipes to the parent
+        on stdout and stderr (which it logs), and the metrics directory.
         """
         self.start()
         child = self.reactor.spawned[0]
-        self.assertEqual(child["childFDs"], {0: "w", 1: 1, 2: 2, 3: 12, 4: 11})
+        self.assertEqual(child["childFDs"], {0: "w", 1: "r", 2: "r", 3: 12, 4: 11})
         self.assertEqual(child["env"][LISTENERS_VARIABLE], "policy=3,socketmap=4")
         self.assertEqual(child["env"][METRICS_VARIABLE], str(self.directory))
         self.assertEqual(child["env"]["USERLI_TOKEN"], "t")

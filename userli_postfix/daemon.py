@@ -28,7 +28,7 @@ from userli_postfix.cache import CACHE_PREFIX, LookupCache, MemoryCache, NearCac
 from userli_postfix.config import Config
 from userli_postfix.listeners import LimitedFactory
 from userli_postfix.listening import CannotListen, ListeningService, describe
-from userli_postfix.logs import daemonObserver, withoutCredentials
+from userli_postfix.logs import daemonObserver, withoutCredentials, workerObserver
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.policy import makePolicyFactory
@@ -209,8 +209,14 @@ def build(
     """
     assert IReactorCore.providedBy(reactor) or hasattr(reactor, "seconds")
 
-    observer = daemonObserver(config.log_level, config.log_format, twistd)
     inherited = workers.inheritedListeners()
+    # A worker process hands its events to the first process, which logs
+    # them where its own go.
+    observer = (
+        daemonObserver(config.log_level, config.log_format, twistd)
+        if inherited is None
+        else workerObserver(config.log_level)
+    )
     metricsDirectory = None
     if config.workers > 1 and inherited is None:
         # Chosen while the options were read (see L{metricsdir}).

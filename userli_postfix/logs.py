@@ -13,6 +13,13 @@ observer goes where twistd's would (L{destination} reads twistd's own
 options) and writes through the same pieces twistd uses: its L{LogFile}
 (size rotation, and SIGUSR1 as twistd installs it) and its
 L{SyslogObserver}.  An explicit C{--logger} still wins, as twistd documents.
+
+Worker processes (L{userli_postfix.workers}) do not write the log
+themselves: two processes must not write and rotate one file, and in
+daemon mode their stdout would be /dev/null.  A worker writes each event
+whole, as a line of twisted.logger's JSON, to a pipe to the first process
+(L{workerObserver}), and the first process logs it as if it were its own
+(L{relayedEvent}): same destination, format and rotation.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from twisted.logger import (
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    eventFromJSON,
     formatEvent,
     formatTime,
+    jsonFileLogObserver,
     textFileLogObserver,
 )
 from twisted.python.log import ILogObserver as ILegacyLogObserver
@@ -181,6 +190,35 @@ def daemonObserver(
 ) -> ILogObserver:
     """The daemon's observer: C{level} and C{format} applied where twistd logs."""
     return filtered(destination(format, twistd), level)
+
+
+def workerObserver(level: str, stream: IO[Any] | None = None) -> ILogObserver:
+    """
+    A worker process's observer: each event at C{level} or more severe,
+    whole (level, namespace, time, failure), as one line of
+    twisted.logger's JSON on its stdout, the pipe the first process reads
+    it from (see L{relayedEvent}).
+    """
+    out = stream if stream is not None else sys.stdout
+    return filtered(jsonFileLogObserver(out, recordSeparator=""), level)
+
+
+def relayedEvent(line: bytes) -> LogEvent | None:
+    """
+    The event a worker process wrote as C{line} (see L{workerObserver}), to
+    be logged again as it is; C{None} when C{line} is anything else.
+    """
+    try:
+        event = eventFromJSON(line.decode("utf-8"))
+    except ValueError:
+        # Not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError).
+        return None
+    if not isinstance(event, dict) or event.get("log_level") not in _LEVELS:
+        return None
+    return event
+
+
+_LEVELS = frozenset(LogLevel.iterconstants())
 
 
 def makeObserver(level: str, format: str, stream: IO[str] | None = None) -> ILogObserver:

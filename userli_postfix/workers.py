@@ -50,12 +50,12 @@ from twisted.internet import abstract, defer, error, fdesc
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import userli_postfix
-from userli_postfix import metricsdir
+from userli_postfix import logs, metricsdir
 from userli_postfix.config import SETTINGS
 from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen, describe
 
@@ -71,7 +71,7 @@ LISTENERS_VARIABLE = metricsdir.LISTENERS_VARIABLE
 METRICS_VARIABLE = metricsdir.METRICS_VARIABLE
 
 # The first file descriptor a child gets a listening socket on (0, 1 and 2
-# are the pipe from the parent, standard output and standard error).
+# are the pipe from the parent, and standard output and error, pipes to it).
 FIRST_FD = 3
 
 # How long the parent waits for its children at shutdown beyond their own
@@ -217,18 +217,85 @@ def childEnvironment(
     return env
 
 
-class _ChildProtocol(ProcessProtocol):
-    """Tells the pool when its child has ended."""
+# A worker's output line longer than this is logged in pieces rather than
+# held in memory until its end comes.
+MAX_LINE = 1024 * 1024
 
-    def __init__(self, ended: Callable[[_ChildProtocol, Failure], None]) -> None:
+
+class _Lines:
+    """Splits what a pipe delivers into lines; the last one may come without its newline."""
+
+    def __init__(self, line: Callable[[bytes], None]) -> None:
+        self._line = line
+        self._buffer = b""
+
+    def write(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self._line(line)
+        if len(self._buffer) > MAX_LINE:
+            self.flush()
+
+    def flush(self) -> None:
+        rest, self._buffer = self._buffer, b""
+        if rest:
+            self._line(rest)
+
+
+class _ChildProtocol(ProcessProtocol):
+    """
+    Tells the pool when its child has ended, and logs what the child
+    writes: its log events (see L{logs.workerObserver}) as they are,
+    through this process's log, so they go where this process's own go;
+    any other line it writes (a start-up failure before its log begins)
+    as a line of text from that worker.
+    """
+
+    def __init__(
+        self,
+        ended: Callable[[_ChildProtocol, Failure], None],
+        publish: Callable[[LogEvent], None] = globalLogPublisher,
+    ) -> None:
         self._ended = ended
+        self._publish = publish
         self.pid: int | None = None
+        self._stdout = _Lines(self._outLine)
+        self._stderr = _Lines(self._errLine)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
 
+    def outReceived(self, data: bytes) -> None:
+        self._stdout.write(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr.write(data)
+
+    def _outLine(self, line: bytes) -> None:
+        event = logs.relayedEvent(line)
+        if event is not None:
+            self._publish(event)
+        elif line.strip():
+            log.info("Worker process {pid}: {line}", pid=self.pid, line=_text(line))
+
+    def _errLine(self, line: bytes) -> None:
+        if line.strip():
+            log.error("Worker process {pid}: {line}", pid=self.pid, line=_text(line))
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == 1:
+            self._stdout.flush()
+        elif childFD == 2:
+            self._stderr.flush()
+
     def processEnded(self, reason: Failure) -> None:
+        self._stdout.flush()
+        self._stderr.flush()
         self._ended(self, reason)
+
+
+def _text(line: bytes) -> str:
+    return line.rstrip(b"\r").decode("utf-8", "replace")
 
 
 class WorkerPool(Service):
@@ -286,7 +353,9 @@ class WorkerPool(Service):
         )
 
     def _spawn(self) -> None:
-        childFDs: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        # Standard output and error are pipes this process reads: it logs
+        # the child's lines (see L{_ChildProtocol}).
+        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         names = []
         for offset, (name, port) in enumerate(sorted(self._ports.items())):
             fd = FIRST_FD + offset

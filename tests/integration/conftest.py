@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_userli import FakeUserliServer, UserliData
-from tests.integration.harness import Daemon, RedisServer, wait_for
+from tests.integration.harness import Daemon, RedisServer, wait_for_redis
 
 DOMAIN = "example.org"
 
@@ -106,13 +106,13 @@ def start_daemon(tmp_path: Path, fake_userli: FakeUserliServer) -> Iterator[Star
         )
         daemons.append(daemon)
         connected = redis is not None and redis.running and settings.get("REDIS_URL") == redis.url
-        before = redis.clients() if connected and redis is not None else 0
+        before = redis.last_client_id() if connected and redis is not None else 0
         daemon.start()
         if connected and redis is not None:
             # The daemon connects to Redis in the background; until then the
             # policy server fails open and lookups miss the cache, which is
             # right for the daemon but not what a test asking at once means.
-            wait_for(lambda: redis.clients() > before, "the daemon to connect to Redis")
+            wait_for_redis(redis, daemon, after=before)
         return daemon
 
     try:

@@ -226,6 +226,32 @@ class RedisServer:
         listing = str(self.command("CLIENT", "LIST"))
         return sum(1 for line in listing.splitlines() if line and "cmd=client" not in line)
 
+    def last_client_id(self) -> int:
+        """The id Redis gave this question's connection: every later one gets a higher one."""
+        return int(str(self.command("CLIENT", "ID")))
+
+    def pool_connections(self, after: int = 0) -> int:
+        """
+        How many daemon connections with an id above C{after} are ready
+        pool connections: past the set-up a daemon's connection does first
+        (C{ROLE} behind a Sentinel, C{AUTH}, C{SELECT}, whose answer is the
+        last thing the daemon waits for before it uses the connection), and
+        not a subscriber connection (client tracking).  A tracking
+        connection is counted too while it has done its C{SELECT} but not
+        yet subscribed; wait for the near-cache gauge to rule that out.
+        """
+        count = 0
+        for line in str(self.command("CLIENT", "LIST")).splitlines():
+            fields = dict(f.partition("=")[::2] for f in line.split(" ") if "=" in f)
+            if not fields or int(fields["id"]) <= after:
+                continue
+            if fields.get("sub") != "0" or fields.get("psub") != "0":
+                continue
+            if fields.get("cmd", "NULL") in _SETTING_UP or fields["cmd"].startswith("client"):
+                continue
+            count += 1
+        return count
+
     def command(self, *args: str | bytes | int) -> object:
         """
         Send one command, return the decoded reply: C{str} for simple and
@@ -235,6 +261,53 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5.0) as s:
             s.sendall(_encode_command(args))
             return _RespReader(s).read()
+
+
+# What a daemon's Redis connection sends before it is ready (CLIENT LIST's
+# cmd= field: the last command; NULL before the first).
+_SETTING_UP = frozenset({"NULL", "role", "auth", "hello"})
+
+
+def wait_for_redis(redis: RedisServer, daemon: Daemon, after: int = 0) -> None:
+    """
+    Wait until C{daemon} (all its processes) will use C{redis} for the next
+    request: every process has its pool of Redis connections up, and its
+    near-cache tracking on unless the lookup cache is off.
+
+    Redis lists a connection as soon as it accepts it, but the daemon uses
+    it only once the answer to its C{SELECT} has come back, so: wait for
+    the daemon's C{near_cache_coherent} gauge (each process subscribed, so
+    no tracking connection looks like a pool one), then for every pool
+    connection with an id above C{after} to be past its C{SELECT} in
+    C{CLIENT LIST}, then ask the daemon for C{/metrics} once more: the
+    answers to those C{SELECT}s reached the daemon before that request did,
+    and it handles them (a reactor turn later) before it answers.
+    """
+    from userli_postfix.config import Config
+    from userli_postfix.redis import POOL_SIZE
+
+    config = Config.from_sources({k: v for k, v in daemon.env.items() if v is not None})
+    if config.lookup_cache_ttl > 0 and daemon.metrics is not None:
+        wait_for(
+            lambda: _gauge(daemon, "near_cache_coherent") == 1.0,
+            "the daemon's near-cache to track Redis",
+        )
+    wait_for(
+        lambda: redis.pool_connections(after) >= POOL_SIZE * config.workers,
+        "the daemon's Redis connections to be ready",
+    )
+    if daemon.metrics is not None:
+        http_get(daemon.metrics_url + "/metrics")
+
+
+def _gauge(daemon: Daemon, name: str) -> float | None:
+    """One unlabelled sample of the daemon's C{/metrics}, C{None} when absent."""
+    status, body = http_get(daemon.metrics_url + "/metrics")
+    prefix = f"userli_postfix_adapter_{name} "
+    for line in body.decode("utf-8", "replace").splitlines():
+        if status == 200 and line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return None
 
 
 class RedisReplyError(Exception):

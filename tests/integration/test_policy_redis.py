@@ -399,22 +399,13 @@ def wait_for_daemons(redis: RedisServer, daemons: int) -> None:
     """
     Wait until C{daemons} daemons have their whole Redis connection pool
     up: before that a message may pass unrecorded (fail-open), which would
-    make the counts of a test depend on timing.
+    make the counts of a test depend on timing.  (L{start_daemon} waits for
+    this itself, more precisely; this is for a daemon restarted by hand.)
     """
-
-    def connected() -> bool:
-        listing = redis.command("CLIENT", "LIST")
-        assert isinstance(listing, str)
-        # The pool connections: not the one that asks, nor each daemon's
-        # subscriber connection (client tracking of the lookup cache).
-        pool = [
-            line
-            for line in listing.splitlines()
-            if line and "cmd=client" not in line and " sub=0 " in line
-        ]
-        return len(pool) >= POOL_SIZE * daemons
-
-    wait_for(connected, f"{daemons} daemon(s) to connect to Redis")
+    wait_for(
+        lambda: redis.pool_connections() >= POOL_SIZE * daemons,
+        f"{daemons} daemon(s) to connect to Redis",
+    )
 
 
 def test_redis_outage(start_daemon: StartDaemon, redis_server: RedisServer) -> None:

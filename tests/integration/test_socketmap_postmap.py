@@ -428,6 +428,12 @@ class TestRedisLayout:
         """
         first = start_daemon(redis=redis_server)
         assert found(first, "alias", f"team@{DOMAIN}") == f"{ALICE},{BOB}"
+        # The answer leaves before its write to Redis lands, and SIGKILL
+        # would lose a write still on its way: wait for it.
+        wait_for(
+            lambda: redis_server.command("EXISTS", f"userli:lookup:alias:team@{DOMAIN}") == 1,
+            "the answer to be written to Redis",
+        )
         first.kill()
         fake_userli.set_mode(REFUSED)
         second = start_daemon(redis=redis_server)

@@ -21,6 +21,7 @@ import pytest
 from tests.fake_userli import FakeUserliServer
 from tests.integration.harness import (
     STARTUP_DEADLINE,
+    RedisServer,
     _track,
     accepts,
     daemon_environment,
@@ -222,6 +223,56 @@ def test_daemon_mode_level_error(
     assert "#info]" not in log
     assert "#warn]" not in log
     assert "listening on" not in log
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_daemon_mode_workers_log(
+    tmp_path: Path, daemonized: list[Daemonized], fake_userli: FakeUserliServer, log_format: str
+) -> None:
+    """
+    With C{WORKERS=2} in daemon mode (stdout is /dev/null), the worker's
+    lines reach C{--logfile} through the first process, which alone writes
+    it: a warning each process gives (a Redis that cannot track) is there
+    twice, and so are the listener lines and, once stopped, each process's
+    last line; with C{LOG_FORMAT=json} every line is still one JSON object.
+    """
+    config = tmp_path / "redis.conf"
+    config.write_text('rename-command CLIENT ""\n')
+    redis = RedisServer(tmp_path / "redis", config=config)
+    redis.start()
+    try:
+        env = {
+            **settings(fake_userli.url),
+            "WORKERS": "2",
+            "REDIS_URL": redis.url,
+            "LOG_FORMAT": log_format,
+        }
+        daemon = start(daemonized, tmp_path, env)
+
+        def messages() -> list[tuple[str, str]]:
+            """(level, message) of every line of the log file so far."""
+            lines = daemon.log().splitlines()
+            if log_format == "json":
+                return [(r["level"], r["message"]) for r in map(json.loads, lines)]
+            found = []
+            for line in lines:
+                system, _, message = line.partition("] ")
+                found.append((system.rpartition("#")[2], message))
+            return found
+
+        def count(level: str, start: str) -> int:
+            return sum(1 for lv, m in messages() if lv == level and m.startswith(start))
+
+        wait_for(
+            lambda: count("warn", "Redis refused client tracking") == 2,
+            "both processes' warning in the log file",
+        )
+        assert count("info", "socketmap listening on") == 2
+        daemon.stop()
+        assert count("info", "Stopped") == 2, daemon.log()
+        assert count("warn", "Redis refused client tracking") == 2
+    finally:
+        redis.stop()
 
 
 def test_syslog(tmp_path: Path) -> None:

@@ -358,7 +358,7 @@ class TestWorkers:
         daemon.kill()
         for pid in kids:
             wait_for(lambda pid=pid: not alive(pid), f"worker {pid} to notice its parent died")
-        assert "The parent process is gone" in daemon.output()
+        # (What a worker logs then is lost: its log goes through the parent.)
         # The last worker removed the metrics directory the parent could not.
         assert not directory.exists()
 
