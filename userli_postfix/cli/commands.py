@@ -173,17 +173,28 @@ class Tools:
 
     # quota ------------------------------------------------------------
 
+    def _sender(self, command: str, address: str) -> tuple[Report | None, str, dict[str, Any]]:
+        """
+        The identity a quota command works on (normalised as the policy
+        server does), with the report's data; or the report that ends the
+        command at once (no Redis, or no valid address).
+        """
+        identity = normalise_address(address, self.config.recipient_delimiter)
+        data: dict[str, Any] = {"address": address, "identity": identity}
+        missing = self.needsRedis(command)
+        if missing is not None:
+            return missing, "", data
+        if identity is None:
+            return Report(command, NOT_OK, data), "", data
+        return None, identity, data
+
     @defer.inlineCallbacks
     def quotaShow(self, address: str) -> Generator[Any, Any, Report]:
         """A sender's limits, its windows, and when its next message is accepted."""
         command = "quota show"
-        missing = self.needsRedis(command)
-        if missing is not None:
-            return missing
-        identity = normalise_address(address, self.config.recipient_delimiter)
-        data: dict[str, Any] = {"address": address, "identity": identity}
-        if identity is None:
-            return Report(command, NOT_OK, data)
+        refused, identity, data = self._sender(command, address)
+        if refused is not None:
+            return refused
         status = OK
         quota: Quota | None = None
         data["limits_error"] = None
@@ -219,13 +230,9 @@ class Tools:
     def quotaReset(self, address: str) -> Generator[Any, Any, Report]:
         """Forget a sender's windows: its next message is counted from zero."""
         command = "quota reset"
-        missing = self.needsRedis(command)
-        if missing is not None:
-            return missing
-        identity = normalise_address(address, self.config.recipient_delimiter)
-        data: dict[str, Any] = {"address": address, "identity": identity}
-        if identity is None:
-            return Report(command, NOT_OK, data)
+        refused, identity, data = self._sender(command, address)
+        if refused is not None:
+            return refused
         redis = yield self.redis()
         key = window_key(identity)
         counted = yield redis.execute("ZCARD", key)
