@@ -177,11 +177,7 @@ class StateMachineTests(SynchronousTestCase):
         its place, nor open anything anew.
         """
         clock = Clock()
-        breaker = CircuitBreaker(clock)
-        for _ in range(FAILURES_TO_OPEN):
-            attempt = breaker.admit()
-            assert attempt is not None
-            breaker.record(attempt, False)
+        breaker = _opened(clock)
         clock.advance(PROBE_INTERVAL)
         first = breaker.admit()
         assert first is not None and first.probe
@@ -200,11 +196,7 @@ class StateMachineTests(SynchronousTestCase):
     def test_late_probe_answer_closes(self) -> None:
         """A probe answered after its caller gave up still closes the breaker."""
         clock = Clock()
-        breaker = CircuitBreaker(clock)
-        for _ in range(FAILURES_TO_OPEN):
-            attempt = breaker.admit()
-            assert attempt is not None
-            breaker.record(attempt, False)
+        breaker = _opened(clock)
         clock.advance(PROBE_INTERVAL)
         probe = breaker.admit()
         assert probe is not None
@@ -213,6 +205,17 @@ class StateMachineTests(SynchronousTestCase):
         clock.advance(1.0)
         breaker.record(probe, True)
         self.assertIs(breaker.state, State.CLOSED)
+
+
+def _opened(clock: Clock) -> CircuitBreaker:
+    """A breaker opened by L{FAILURES_TO_OPEN} calls without an answer."""
+    breaker = CircuitBreaker(clock)
+    for _ in range(FAILURES_TO_OPEN):
+        attempt = breaker.admit()
+        assert attempt is not None
+        breaker.record(attempt, False)
+    assert breaker.isOpen
+    return breaker
 
 
 def _changes(steps: list[tuple[float, str, str]]) -> list[bool]:

@@ -221,11 +221,6 @@ class RedisServer:
             process.kill()
         process.wait()
 
-    def clients(self) -> int:
-        """How many connections other than this question's own are open."""
-        listing = str(self.command("CLIENT", "LIST"))
-        return sum(1 for line in listing.splitlines() if line and "cmd=client" not in line)
-
     def last_client_id(self) -> int:
         """The id Redis gave this question's connection: every later one gets a higher one."""
         return int(str(self.command("CLIENT", "ID")))
