@@ -430,8 +430,13 @@ class FakeUserliSite(server.Site):
             channel.transport.abortConnection()  # type: ignore[union-attr]
 
 
-def _privateReactor() -> Any:
-    """A reactor instance that is not installed as the global one."""
+def private_reactor() -> Any:
+    """
+    A reactor instance that is not installed as the global one, for a
+    server in a thread of the test process (this fake, the fake DNS of the
+    tls_policy tests): the global reactor stays untouched for trial test
+    cases.
+    """
     try:
         from twisted.internet.epollreactor import EPollReactor
 
@@ -486,7 +491,7 @@ class FakeUserliServer:
 
     def start(self) -> None:
         """Start the reactor thread and listen."""
-        self._reactor = _privateReactor()
+        self._reactor = private_reactor()
         self._site = FakeUserliSite(self.fake, self._reactor)
         self._thread = threading.Thread(
             target=self._reactor.run,
