@@ -8,7 +8,8 @@ saw, so a test asserts what the daemon (or Postfix) did on the wire.
  - L{LoopbackBlock}() -> .address(n): addresses in a block of 127.0.0.0/8
    that nothing else uses (a refusing host is one with no fake on it)
  - L{Zone}(apex, records): the test zone (MX, A, AAAA, null MX; names not
-   in it are NXDOMAIN)
+   in it are NXDOMAIN); L{mail_domain}(domain, (preference, address), ...)
+   gives the records of a domain and its MX hosts
  - L{FakeDNS}(zone, addresses).start() / .stop() / .queries() /
    .nameservers
  - L{FakeMX}(behaviours, port=None).start() / .stop() / .port /
@@ -94,12 +95,25 @@ def mx(preference: int, host: str) -> dns.Record_MX:
     return dns.Record_MX(preference, host.rstrip(".").encode("ascii"), ttl=0)
 
 
-def a(address: str) -> dns.Record_A:
+def address_record(address: str) -> dns.Record_A | dns.Record_AAAA:
+    """An A record, or an AAAA record for an IPv6 address."""
+    if ":" in address:
+        return dns.Record_AAAA(address, ttl=0)
     return dns.Record_A(address, ttl=0)
 
 
-def aaaa(address: str) -> dns.Record_AAAA:
-    return dns.Record_AAAA(address, ttl=0)
+def mail_domain(domain: str, *exchangers: tuple[int, str]) -> dict[str, list[Any]]:
+    """
+    The records of C{domain} with one MX per (preference, address) in
+    C{exchangers}, named C{mx<preference>.<domain>}, listed in the order
+    given (so a test can list them out of preference order).
+    """
+    records: dict[str, list[Any]] = {
+        domain: [mx(preference, f"mx{preference}.{domain}") for preference, _ in exchangers]
+    }
+    for preference, address in exchangers:
+        records[f"mx{preference}.{domain}"] = [address_record(address)]
+    return records
 
 
 class Zone(FileAuthority):
