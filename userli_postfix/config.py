@@ -9,6 +9,7 @@ deployment fails at start-up with a line an operator can act on.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import socket
@@ -332,6 +333,65 @@ def _non_negative_duration(variable: str, text: str) -> float:
     return seconds
 
 
+def _positive_duration(variable: str, text: str) -> float:
+    seconds = _non_negative_duration(variable, text)
+    if seconds <= 0:
+        raise ConfigError(variable, f"{text!r} is not a lifetime (more than 0, e.g. 24h)")
+    return seconds
+
+
+def parse_nameservers(variable: str, text: str) -> tuple[tuple[str, int], ...]:
+    """
+    Parse ``ip:port,ip:port`` (an empty text: none, the system's
+    C{resolv.conf} is used).  IPv4 addresses only: twisted.names sends its
+    queries from an IPv4 socket.
+    """
+    servers = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, colon, port_text = item.rpartition(":")
+        if not colon or not is_number(port_text) or not 0 < int(port_text) < 65536:
+            raise ConfigError(variable, f"{item!r} is not IP:PORT (e.g. 127.0.0.1:53)")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(variable, f"{host!r} is not an IP address") from None
+        if address.version != 4:
+            raise ConfigError(variable, f"{host!r}: only IPv4 name servers can be queried")
+        servers.append((str(address), int(port_text)))
+    return tuple(servers)
+
+
+def _port(variable: str, text: str) -> int:
+    value = text.strip()
+    if not is_number(value) or not 0 < int(value) < 65536:
+        raise ConfigError(variable, f"{text!r} is not a port number (1-65535)")
+    return int(value)
+
+
+_EHLO_NAME = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def ehlo_hostname(variable: str, text: str) -> str:
+    """
+    The name for C{EHLO}: as given, or this host's fully qualified name
+    (many servers refuse or slow down C{EHLO localhost}); it must be a
+    plain host name, since it goes onto the wire.
+    """
+    name = text.strip()
+    if not name:
+        fqdn = socket.getfqdn().rstrip(".")
+        return fqdn if _EHLO_NAME.fullmatch(fqdn) and len(fqdn) <= 253 else "localhost"
+    if not _EHLO_NAME.fullmatch(name) or len(name) > 253:
+        raise ConfigError(variable, f"{text!r} is not a host name")
+    return name
+
+
 # More processes than this would only compete for the same cores and for
 # Postfix's connections; it also bounds a typo such as WORKERS=100.
 MAX_WORKERS = 64
@@ -431,6 +491,36 @@ SETTINGS: tuple[Setting, ...] = (
         "2s",
         "delay before a failed login is answered (0: off)",
     ),
+    Setting(
+        "TLS_POLICY_NAMESERVERS",
+        "tls-policy-nameservers",
+        "",
+        "DNS servers for the tls_policy map, ip:port,ip:port (empty: /etc/resolv.conf)",
+    ),
+    Setting(
+        "TLS_POLICY_SMTP_PORT",
+        "tls-policy-smtp-port",
+        "25",
+        "port the tls_policy map probes mail servers on",
+    ),
+    Setting(
+        "TLS_POLICY_EHLO_HOSTNAME",
+        "tls-policy-ehlo-hostname",
+        "",
+        "name sent in EHLO by the tls_policy probe (empty: this host's FQDN)",
+    ),
+    Setting(
+        "TLS_POLICY_CACHE_TTL_TLS",
+        "tls-policy-cache-ttl-tls",
+        "168h",
+        "how long a domain whose servers all do TLS is answered OK encrypt",
+    ),
+    Setting(
+        "TLS_POLICY_CACHE_TTL_NOTLS",
+        "tls-policy-cache-ttl-notls",
+        "24h",
+        "how long a domain with a server without TLS is answered NOTFOUND before a new probe",
+    ),
     Setting("LOG_LEVEL", "log-level", "info", "debug, info, warn or error"),
     Setting("LOG_FORMAT", "log-format", "text", "text or json (one object per line)"),
     Setting(
@@ -491,6 +581,11 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     workers: int = 1
+    tls_policy_nameservers: tuple[tuple[str, int], ...] = ()
+    tls_policy_smtp_port: int = 25
+    tls_policy_ehlo_hostname: str = "localhost"
+    tls_policy_cache_ttl_tls: float = 168 * 3600.0
+    tls_policy_cache_ttl_notls: float = 24 * 3600.0
 
     @classmethod
     def from_sources(
@@ -585,4 +680,17 @@ class Config:
             log_level=level,
             log_format=log_format,
             workers=workers,
+            tls_policy_nameservers=parse_nameservers(
+                "TLS_POLICY_NAMESERVERS", get("TLS_POLICY_NAMESERVERS")
+            ),
+            tls_policy_smtp_port=_port("TLS_POLICY_SMTP_PORT", get("TLS_POLICY_SMTP_PORT")),
+            tls_policy_ehlo_hostname=ehlo_hostname(
+                "TLS_POLICY_EHLO_HOSTNAME", get("TLS_POLICY_EHLO_HOSTNAME")
+            ),
+            tls_policy_cache_ttl_tls=_positive_duration(
+                "TLS_POLICY_CACHE_TTL_TLS", get("TLS_POLICY_CACHE_TTL_TLS")
+            ),
+            tls_policy_cache_ttl_notls=_positive_duration(
+                "TLS_POLICY_CACHE_TTL_NOTLS", get("TLS_POLICY_CACHE_TTL_NOTLS")
+            ),
         )

@@ -36,6 +36,7 @@ from userli_postfix.ratelimit import makeRateLimiter
 from userli_postfix.redis import RedisClient
 from userli_postfix.sasl import makeSASLFactory
 from userli_postfix.socketmap import SocketmapFactory
+from userli_postfix.tlspolicy import makeTLSPolicy
 from userli_postfix.transport import makeHTTPClient
 from userli_postfix.unixsocket import removeStaleSocket
 from userli_postfix.userli import UserliClient
@@ -259,7 +260,15 @@ def build(
             "kept in memory and are lost on restart"
         )
 
-    lookups = Lookups(client, cache, metrics, reactor, config.recipient_delimiter)
+    tlsPolicy = makeTLSPolicy(config, reactor, redis, metrics)
+    lookups = Lookups(
+        client,
+        cache,
+        metrics,
+        reactor,
+        config.recipient_delimiter,
+        others={"tls_policy": tlsPolicy.answer},
+    )
     daemon = DaemonService(reactor, observer, pool, redis, inherited, workers=config.workers)
     limiter = makeRateLimiter(config, reactor, redis, metrics)
     daemon.addListener(

@@ -9,7 +9,7 @@ flight at the same moment share one API call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -43,6 +43,9 @@ class Lookups:
     Answers socketmap lookups from the cache and the Userli API.
 
     @param cache: where OK answers are kept, or C{None} to cache nothing.
+    @param others: maps answered elsewhere (C{tls_policy}), by name: each
+        takes the decoded key and keeps its own cache; only the request
+        metrics are counted here.
     """
 
     def __init__(
@@ -52,8 +55,10 @@ class Lookups:
         metrics: Metrics,
         clock: IReactorTime,
         delimiter: str = "",
+        others: Mapping[str, Callable[[str], defer.Deferred[bytes] | bytes]] | None = None,
     ) -> None:
         self._client = client
+        self._others = dict(others or {})
         self._cache = cache
         self._metrics = metrics
         self._clock = clock
@@ -83,7 +88,8 @@ class Lookups:
         mapname_raw, space, raw_key = request.partition(b" ")
         mapname = mapname_raw.decode("ascii", "replace")
         entry = self._maps.get(mapname)
-        if entry is None:
+        other = self._others.get(mapname)
+        if entry is None and other is None:
             return self._done("invalid", started, b"PERM unknown map")
         if not space or not raw_key.strip():
             return self._done(mapname, started, b"PERM request without a key")
@@ -91,6 +97,12 @@ class Lookups:
             key = raw_key.decode("utf-8")
         except UnicodeDecodeError:
             return self._done(mapname, started, NOTFOUND)
+        if other is not None:
+            answered = other(key)
+            if isinstance(answered, bytes):
+                return self._done(mapname, started, answered)
+            return answered.addCallback(lambda reply: self._done(mapname, started, reply))
+        assert entry is not None
         cache = self._cache
         if cache is not None:
             # What this process holds was stored after the key passed

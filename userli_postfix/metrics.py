@@ -33,6 +33,9 @@ _SUMMED: Final = "livesum"
 
 _FAST_BUCKETS = tuple(0.001 * 2**i for i in range(10))
 _HTTP_BUCKETS = tuple(0.010 * 2**i for i in range(10))
+# The Go client's default buckets, and beyond: a probe of a slow server may
+# take its per-step timeouts several times over.
+_PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class Metrics:
@@ -91,6 +94,27 @@ class Metrics:
             registry=r,
             # With worker processes: 1 only when every one is.
             multiprocess_mode="livemin",
+        )
+
+        # tls_policy
+        self.tls_policy_cache_hits = Counter(
+            f"{PREFIX}_tls_policy_cache_hits",
+            "tls_policy lookups answered from the cache, by the verdict found.",
+            ["result"],
+            registry=r,
+        )
+        self.tls_policy_probes = Counter(
+            f"{PREFIX}_tls_policy_probe",
+            "Probes of a domain's mail servers: tls (every one that answered completed a "
+            "TLS handshake), notls, or error (none answered, DNS failed).",
+            ["result"],
+            registry=r,
+        )
+        self.tls_policy_probe_duration = Histogram(
+            f"{PREFIX}_tls_policy_probe_duration_seconds",
+            "Duration of probes of a domain's mail servers.",
+            buckets=_PROBE_BUCKETS,
+            registry=r,
         )
 
         # Userli API client
