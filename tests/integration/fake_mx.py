@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
+from twisted.internet.error import CannotListenError
 from twisted.names import dns, server
 from twisted.names.authority import FileAuthority
 
@@ -202,7 +203,11 @@ class FakeDNS:
             daemon=True,
         )
         self._thread.start()
-        threads.blockingCallFromThread(self._reactor, self._listen)
+        try:
+            threads.blockingCallFromThread(self._reactor, self._listen)
+        except BaseException:
+            self.stop()
+            raise
 
     def _listen(self) -> None:
         factory = _RecordingServerFactory(self.zone, self._seen)
@@ -215,7 +220,7 @@ class FakeDNS:
                 chosen = udp.getHost().port
                 try:
                     tcp = self._reactor.listenTCP(chosen, factory, interface=host)
-                except OSError:
+                except CannotListenError:
                     udp.stopListening()
                     if port != 0:
                         raise
@@ -328,6 +333,9 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     # Port 25 again at once when a test runs twice (TIME_WAIT).
     allow_reuse_address = True
+    # socketserver's default (5) drops the connections of probes that come
+    # all at once; their SYNs are retried only seconds later.
+    request_queue_size = 128
 
     def __init__(self, mx: FakeMX, host: _Host, port: int) -> None:
         self.mx = mx
