@@ -14,6 +14,11 @@ configuration is neither read nor touched.
         smtplib.SMTP("127.0.0.1", postfix.smtp_port).sendmail(...)
         sink.wait_for(1)
 
+For outgoing mail through DNS (the C{tls_policy} tests), C{resolv_conf=}
+gives the instance an C{/etc/resolv.conf} of its own: it then runs in a
+private mount namespace (C{unshare -m}) where that file is bind-mounted
+over the system's, which nothing else sees.
+
 Any C{main.cf} parameter can be added (C{main=}), the C{smtpd} service can
 be given C{-o} options (C{smtpd_options=}), more C{smtpd} listeners can be
 added before the start (L{PostfixInstance.add_smtpd}), and any other
@@ -61,6 +66,34 @@ def postfix_command(name: str) -> str | None:
 #: where Postfix is not installed.
 requires_postfix = pytest.mark.skipif(
     postfix_command("postfix") is None, reason="not installed: postfix"
+)
+
+#: A shell in a mount namespace of its own, whose mounts nobody else sees.
+_PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private", "sh", "-c")
+
+
+def can_bind_resolv_conf() -> bool:
+    """
+    Whether a process may get a private C{/etc/resolv.conf} here: a mount
+    namespace of its own (root, or C{CAP_SYS_ADMIN}) where a bind mount
+    works.  Tried on the file itself, inside a namespace that vanishes.
+    """
+    if shutil.which("unshare") is None or not Path("/etc/resolv.conf").is_file():
+        return False
+    result = subprocess.run(
+        [*_PRIVATE_MOUNTS, "mount --bind /etc/resolv.conf /etc/resolv.conf"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=STARTUP_DEADLINE,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+#: Marks a test whose Postfix needs a resolv.conf of its own.
+requires_private_resolv_conf = pytest.mark.skipif(
+    not can_bind_resolv_conf(),
+    reason="cannot give Postfix its own /etc/resolv.conf here (unshare -m and mount --bind)",
 )
 
 
@@ -254,6 +287,8 @@ class PostfixInstance:
     @param services: further C{master.cf} lines, verbatim.
     @param directory: the instance's directory (created if missing);
         by default a fresh temporary one, removed by L{cleanup}.
+    @param resolv_conf: the text of the C{/etc/resolv.conf} this instance
+        sees (in a mount namespace of its own), or C{None} for the system's.
     """
 
     def __init__(
@@ -263,6 +298,7 @@ class PostfixInstance:
         smtpd_options: Mapping[str, str] | None = None,
         services: Iterable[str] = (),
         directory: Path | None = None,
+        resolv_conf: str | None = None,
     ) -> None:
         self._ownDirectory = directory is None
         if directory is None:
@@ -284,6 +320,7 @@ class PostfixInstance:
         ]
         self._postfix = postfix_command("postfix") or "postfix"
         self._masterPid: int | None = None
+        self.resolv_conf = resolv_conf
 
     def add_smtpd(self, options: Mapping[str, str] | None = None) -> int:
         """
@@ -366,10 +403,28 @@ class PostfixInstance:
         shutil.chown(self.data_directory, "postfix")
         os.chmod(self.data_directory, 0o700)
 
-    def postfix(self, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run C{postfix -c CONFIG_DIR ARGUMENTS}."""
+    def postfix(
+        self, *arguments: str, check: bool = True, namespace: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{postfix -c CONFIG_DIR ARGUMENTS}; with C{namespace}, in a
+        mount namespace of its own with L{resolv_conf} as C{/etc/resolv.conf}
+        (the processes it starts stay there).
+        """
+        command = [self._postfix, "-c", str(self.config_directory), *arguments]
+        if namespace:
+            resolv_conf = self.directory / "resolv.conf"
+            resolv_conf.write_text(self.resolv_conf or "")
+            os.chmod(resolv_conf, 0o644)
+            command = [
+                *_PRIVATE_MOUNTS,
+                'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"',
+                "sh",
+                str(resolv_conf),
+                *command,
+            ]
         result = subprocess.run(
-            [self._postfix, "-c", str(self.config_directory), *arguments],
+            command,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -397,7 +452,7 @@ class PostfixInstance:
     def start(self) -> None:
         """Start the instance; return when every C{smtpd} listener accepts."""
         self.write_configuration()
-        self.postfix("start")
+        self.postfix("start", namespace=self.resolv_conf is not None)
         _running.append(self)
         self._masterPid = self.master_pid()
         for port, _ in self._smtpd:
