@@ -320,6 +320,10 @@ class Tools:
 
     # tls-policy -------------------------------------------------------
 
+    def makeProber(self) -> tlspolicy.Prober:
+        """A prober as the daemon's (name servers, SMTP port, EHLO name)."""
+        return tlspolicy.makeProber(self.config, self.clock)
+
     @defer.inlineCallbacks
     def tlsPolicy(self, key: str, probe: bool = False) -> Generator[Any, Any, Report]:
         """
@@ -352,8 +356,7 @@ class Tools:
         answer = data["reply"]
         if probe:
             started = self.clock.seconds()
-            prober = tlspolicy.makeProber(self.config, self.clock)
-            result = yield prober.probe(domain)
+            result = yield self.makeProber().probe(domain)
             data["probe"] = _probeData(result, self.clock.seconds() - started)
             answer = "OK encrypt" if result.verdict == tlspolicy.ENCRYPT else "NOTFOUND"
         return Report(command, OK if answer == "OK encrypt" else NOT_OK, data)
