@@ -186,7 +186,7 @@ class Prober:
             if failure.check(NullMX):
                 # Nothing to protect: the domain takes no mail, so no
                 # delivery can be downgraded.  Remembered as "notls" so that
-                # Postfix's bounces do not each cost DNS queries.
+                # the next lookup costs no DNS query.
                 return ProbeResult(domain, NOTLS, error="null MX", null_mx=True)
             if failure.check(error.DNSNameError):
                 return ProbeResult(domain, None, error="no such domain")
