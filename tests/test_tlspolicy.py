@@ -101,6 +101,10 @@ class NormalisationTests(SynchronousTestCase):
             "example.org/../x": None,
             "-bad.example": None,
             "x" * 300 + ".org": None,
+            "a" * 64 + ".org": None,
+            "a" * 63 + ".org": "a" * 63 + ".org",
+            "Bücher.Example": "bücher.example",
+            "a" * 60 + "ü.org": None,
         }
         for key, expected in table.items():
             self.assertEqual(normalise_policy_key(key), expected, key)
@@ -203,6 +207,22 @@ class ProberTests(SynchronousTestCase):
         result = self.probe()
         self.assertIsNone(result.verdict)
         self.assertIn("DNS", result.error or "")
+
+    def test_resolverRaises(self) -> None:
+        """A resolver that raises at once (a name it cannot encode) is an error, not a crash."""
+
+        def refuse(name: str, timeout: Any = None) -> defer.Deferred[Any]:
+            raise UnicodeError("label empty or too long")
+
+        self.resolver.lookupMailExchange = refuse  # type: ignore[method-assign]
+        self.assertIn("DNS", self.probe().error or "")
+        self.resolver = FakeResolver()
+        self.resolver.mx["example.org"] = answer(dns.Record_MX(10, b"mx.example.org"))
+        self.resolver.lookupAddress = refuse  # type: ignore[method-assign]
+        prober = Prober(lambda: self.resolver, self.probeAddress)
+        result = self.successResultOf(prober.probe("example.org"))
+        self.assertIsNone(result.verdict)
+        self.assertIn("label", result.hosts[0].error or "")
 
     def test_ipv4ThenIPv6UntilOneAnswers(self) -> None:
         """
@@ -513,6 +533,17 @@ class TLSPolicyTests(SynchronousTestCase):
         d = self.ask("example.org")
         self.prober.running.pop("example.org")[0].errback(Failure(RuntimeError("bug")))
         self.assertEqual(self.successResultOf(d), b"NOTFOUND ")
+        self.assertEqual(self.policy.probing, 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_proberRaises(self) -> None:
+        """A probe that raises at once (a bug) answers NOTFOUND and frees its slot."""
+
+        def broken(domain: str) -> Any:
+            raise RuntimeError("bug")
+
+        self.patch(self.prober, "probe", broken)
+        self.assertEqual(self.successResultOf(self.ask("example.org")), b"NOTFOUND ")
         self.assertEqual(self.policy.probing, 0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 

@@ -65,6 +65,8 @@ MAX_ADDRESSES = 2
 DNS_TIMEOUTS = (1, 3)
 # The system's resolver configuration, when TLS_POLICY_NAMESERVERS is empty.
 RESOLV_CONF = "/etc/resolv.conf"
+# The longest domain name DNS carries, without its final dot.
+MAX_DOMAIN = 253
 # Without Redis: at most this many domains remembered.
 MEMORY_ENTRIES = 100_000
 
@@ -80,7 +82,16 @@ def normalise_policy_key(raw: str) -> str | None:
     after its last C{@}; lower case, without a trailing dot.  C{None} for a
     key that cannot be a domain (it is answered C{NOTFOUND}, unprobed).
     """
-    return normalise_domain(raw.rpartition("@")[2])
+    domain = normalise_domain(raw.rpartition("@")[2])
+    if domain is None:
+        return None
+    try:
+        # What DNS can carry: labels of at most 63 bytes, 253 in all, each
+        # non-ASCII one as its IDNA form (which twisted.names sends).
+        encoded = domain.encode("idna")
+    except UnicodeError:
+        return None
+    return domain if len(encoded) <= MAX_DOMAIN else None
 
 
 def decide(hosts: Sequence[tuple[bool, bool]]) -> str | None:
@@ -194,7 +205,7 @@ class Prober:
                 domain, None, error=f"DNS lookup failed: {failure.getErrorMessage() or failure}"
             )
 
-        d = self.mailHosts(domain).addCallback(self._probeHosts, domain)
+        d = defer.maybeDeferred(self.mailHosts, domain).addCallback(self._probeHosts, domain)
         return d.addErrback(failed)
 
     def mailHosts(self, domain: str) -> defer.Deferred[list[str]]:
@@ -256,7 +267,8 @@ class Prober:
     @defer.inlineCallbacks
     def _probeHost(self, host: str) -> Any:
         try:
-            addresses = yield self.addresses(host)
+            # A name from an MX record that DNS cannot carry fails here too.
+            addresses = yield defer.maybeDeferred(self.addresses, host)
         except Exception as problem:
             return MailHost(host, error=f"DNS lookup failed: {problem}")
         if not addresses:
@@ -445,7 +457,7 @@ class TLSPolicy:
             for waiter in self._inflight.pop(domain, []):
                 waiter.callback(None)
 
-        self._prober.probe(domain).addCallback(probed).addErrback(crashed)
+        defer.maybeDeferred(self._prober.probe, domain).addCallback(probed).addErrback(crashed)
 
 
 def _reply(verdict: str | None) -> bytes:
