@@ -536,6 +536,16 @@ class TLSPolicyTests(SynchronousTestCase):
         self.assertEqual(self.policy.probing, 0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_probeEndsAtOnce(self) -> None:
+        """A probe that has its verdict at once answers at once."""
+
+        def quick(domain: str) -> defer.Deferred[ProbeResult]:
+            return defer.succeed(ProbeResult(domain, ENCRYPT))
+
+        self.patch(self.prober, "probe", quick)
+        self.assertEqual(self.successResultOf(self.ask("example.org")), b"OK encrypt")
+        self.assertEqual(self.policy.probing, 0)
+
     def test_proberRaises(self) -> None:
         """A probe that raises at once (a bug) answers NOTFOUND and frees its slot."""
 

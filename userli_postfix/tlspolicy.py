@@ -413,6 +413,7 @@ class TLSPolicy:
 
     def _awaitProbe(self, domain: str, started: float) -> defer.Deferred[bytes] | bytes:
         waiters = self._inflight.get(domain)
+        first = waiters is None
         if waiters is None:
             if len(self._inflight) >= self._maxProbes:
                 log.debug(
@@ -422,11 +423,13 @@ class TLSPolicy:
                 )
                 return NOTFOUND
             waiters = self._inflight[domain] = []
-            self._start(domain)
         waiter: defer.Deferred[str | None] = defer.Deferred()
         waiters.append(waiter)
         left = max(0.0, self._deadline - (self._clock.seconds() - started))
         d = answerWithin(waiter, left, self._clock, StillProbing)
+        if first:
+            # Started once its first waiter listens: a probe may end at once.
+            self._start(domain)
 
         def late(failure: Failure) -> bytes:
             failure.trap(StillProbing)
