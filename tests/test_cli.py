@@ -286,6 +286,18 @@ class SecretsTests(SynchronousTestCase):
         self.assertEqual(shown["REDIS_SENTINEL_PASSWORD"], HIDDEN)
         self.assertEqual(shown["REDIS_URL"], "redis://user:***@redis:6379/1")
 
+    def test_ehloNameShown(self) -> None:
+        """The EHLO name the probe uses is shown, also when it is this host's."""
+        raw = raw_values({"USERLI_TOKEN": "t"})
+        config = Config.from_values(raw)
+        shown = shown_configuration(raw, config)
+        self.assertEqual(
+            shown["TLS_POLICY_EHLO_HOSTNAME"], f"(this host: {config.tls_policy_ehlo_hostname})"
+        )
+        raw = raw_values({"USERLI_TOKEN": "t", "TLS_POLICY_EHLO_HOSTNAME": "mx.example.org"})
+        shown = shown_configuration(raw, Config.from_values(raw))
+        self.assertEqual(shown["TLS_POLICY_EHLO_HOSTNAME"], "mx.example.org")
+
     def test_withoutPassword(self) -> None:
         """A URL without a password is shown as it is."""
         self.assertEqual(without_password("redis://redis:6379/0"), "redis://redis:6379/0")
