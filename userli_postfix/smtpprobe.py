@@ -73,10 +73,6 @@ def _shown(line: bytes) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:SHOWN_BANNER]
 
 
-class ProbeError(Exception):
-    """The server broke the protocol, or a bound: the probe ends here."""
-
-
 @implementer(IHandshakeListener)
 class SMTPProbeProtocol(LineOnlyReceiver):
     """
