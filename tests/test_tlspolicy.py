@@ -11,11 +11,12 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.names import dns, error
+from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.doubles import FakeLookupClient
+from userli_postfix.config import Config
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.redis import RedisUnavailable
@@ -25,6 +26,7 @@ from userli_postfix.tlspolicy import (
     ENCRYPT,
     MAX_MX_HOSTS,
     NOTLS,
+    RESOLV_CONF,
     Lifetimes,
     MailHost,
     MemoryPolicyCache,
@@ -34,6 +36,7 @@ from userli_postfix.tlspolicy import (
     TLSPolicy,
     cache_key,
     decide,
+    makeResolver,
     normalise_policy_key,
 )
 
@@ -299,6 +302,28 @@ class ProberTests(SynchronousTestCase):
         prober.probe("example.org")
         prober.probe("example.net")
         self.assertEqual(len(made), 1)
+
+
+class ResolverTests(SynchronousTestCase):
+    """L{makeResolver}: which DNS servers the probes ask."""
+
+    def test_nameservers(self) -> None:
+        """With C{TLS_POLICY_NAMESERVERS} only those are asked, never resolv.conf's."""
+        config = Config.from_sources(
+            {"USERLI_TOKEN": "t", "TLS_POLICY_NAMESERVERS": "127.0.0.1:5353,127.0.0.2:53"}
+        )
+        resolver = makeResolver(config, Clock())()
+        assert isinstance(resolver, client.Resolver)
+        self.assertEqual(resolver.servers, [("127.0.0.1", 5353), ("127.0.0.2", 53)])
+        self.assertIsNone(resolver.resolv)
+
+    def test_system(self) -> None:
+        """Without it, the system's C{/etc/resolv.conf}."""
+        config = Config.from_sources({"USERLI_TOKEN": "t"})
+        resolver = makeResolver(config, Clock())()
+        assert isinstance(resolver, client.Resolver)
+        self.assertEqual(resolver.servers, [])
+        self.assertEqual(resolver.resolv, RESOLV_CONF)
 
 
 class FakeRedis:
