@@ -8,8 +8,11 @@ says when the handshake completed or failed.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
@@ -383,3 +386,81 @@ class ProbeAddressTests(SynchronousTestCase):
         report = self.successResultOf(d)
         self.assertEqual(report.address, "2001:db8::25")
         self.assertTrue(report.answered)
+
+
+FUZZ = settings(
+    max_examples=200,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+server_fragments = st.one_of(
+    st.sampled_from(
+        [
+            b"220 mx ESMTP\r\n",
+            b"220-mx\r\n",
+            b"554 go away\r\n",
+            b"421 busy\r\n",
+            b"250-mx hello\r\n",
+            b"250-STARTTLS\r\n",
+            b"250 STARTTLS\r\n",
+            b"250 8BITMIME\r\n",
+            b"220 Ready to start TLS\r\n",
+            b"454 no TLS\r\n",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"2",
+            b"x" * 600,
+            b"250-" + b"A" * 900 + b"\r\n",
+        ]
+    ),
+    st.binary(max_size=30),
+)
+
+
+class FuzzTests(SynchronousTestCase):
+    """Whatever a server sends, in whatever pieces, the probe ends cleanly."""
+
+    @FUZZ
+    @given(
+        data=st.lists(server_fragments, max_size=25).map(b"".join),
+        cut=st.lists(st.integers(min_value=0, max_value=10**6), max_size=12),
+        handshake=st.booleans(),
+    )
+    def test_garbage(self, data: bytes, cut: list[int], handshake: bool) -> None:
+        """
+        Nothing raises; the probe only ever sends C{EHLO}, C{STARTTLS} and
+        C{QUIT}; TLS starts only after C{STARTTLS} was sent; every step ends
+        within its timeout, with one report whose claims hold together.
+        """
+        clock = Clock()
+        protocol = SMTPProbeProtocol(clock, "192.0.2.1", "probe.example.net")
+        transport = TLSStringTransport()
+        protocol.makeConnection(transport)
+        points = sorted({0, len(data), *(c % (len(data) + 1) for c in cut)})
+        for start, end in itertools.pairwise(points):
+            if transport.disconnecting:
+                break
+            protocol.dataReceived(data[start:end])
+        if handshake and transport.tlsOptions is not None and not transport.disconnecting:
+            protocol.handshakeCompleted()
+        for _ in range(6):
+            clock.advance(STEP_TIMEOUT)
+        report = self.successResultOf(protocol.result)
+        self.assertTrue(transport.disconnecting)
+        sent = transport.value().split(b"\r\n")
+        self.assertEqual(sent[-1], b"")
+        allowed = {b"EHLO probe.example.net", b"STARTTLS", b"QUIT"}
+        self.assertTrue(set(sent[:-1]) <= allowed, sent)
+        if transport.tlsOptions is not None:
+            self.assertIn(b"STARTTLS", sent)
+        if report.tls:
+            self.assertTrue(report.answered and report.starttls_offered)
+        if report.starttls_offered:
+            self.assertTrue(report.answered)
+        self.assertTrue(report.tls or report.error is not None or report.answered)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])

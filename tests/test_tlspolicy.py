@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.names import client, dns, error
@@ -111,6 +113,31 @@ class NormalisationTests(SynchronousTestCase):
         }
         for key, expected in table.items():
             self.assertEqual(normalise_policy_key(key), expected, key)
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None)
+    @given(
+        key=st.one_of(
+            st.text(max_size=80),
+            st.builds(
+                lambda local, labels: local + "@" + ".".join(labels),
+                st.text(max_size=10),
+                st.lists(st.text(min_size=0, max_size=70), min_size=1, max_size=5),
+            ),
+        )
+    )
+    def test_anyKey(self, key: str) -> None:
+        """
+        Any key gives C{None} or a domain DNS can carry: no C{@}, no space
+        or control character, at most 253 bytes in IDNA form, and stable
+        when normalised again.
+        """
+        domain = normalise_policy_key(key)
+        if domain is None:
+            return
+        self.assertNotIn("@", domain)
+        self.assertTrue(domain.isprintable() and " " not in domain, domain)
+        self.assertLessEqual(len(domain.encode("idna")), 253)
+        self.assertEqual(normalise_policy_key(domain), domain)
 
 
 class DecisionTests(SynchronousTestCase):
