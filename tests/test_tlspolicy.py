@@ -121,7 +121,19 @@ class NormalisationTests(SynchronousTestCase):
             st.builds(
                 lambda local, labels: local + "@" + ".".join(labels),
                 st.text(max_size=10),
-                st.lists(st.text(min_size=0, max_size=70), min_size=1, max_size=5),
+                st.lists(
+                    st.one_of(
+                        st.text(max_size=70),
+                        st.text(alphabet="ab9-ü", min_size=1, max_size=70),
+                        st.builds(
+                            lambda n, tail: "a" * n + tail,
+                            st.integers(55, 70),
+                            st.sampled_from(["", "ü", "b"]),
+                        ),
+                    ),
+                    min_size=1,
+                    max_size=5,
+                ),
             ),
         )
     )
