@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,6 +25,7 @@ from tests.fake_userli import (
     FakeUserliResource,
     UserliData,
 )
+from userli_postfix import tlspolicy
 from userli_postfix.cli import cliObserver, execute, run
 from userli_postfix.cli.check import HIDDEN, check, shown_configuration, without_password
 from userli_postfix.cli.commands import Tools
@@ -32,6 +33,7 @@ from userli_postfix.cli.options import parse
 from userli_postfix.cli.postfix import postfix_address, postfix_lines, split_description
 from userli_postfix.cli.report import NOT_OK, OK, USAGE, Report, duration, render
 from userli_postfix.config import API_TIMEOUT, Config, raw_values
+from userli_postfix.smtpprobe import HostReport
 
 BASE = "http://userli.test"
 
@@ -49,6 +51,14 @@ class ParseTests(SynchronousTestCase):
             (["cache", "drop", "domain", "x"], ("cache", "drop", "domain", "x"), "cache drop"),
             (["cache", "flush"], ("cache", "flush"), "cache flush"),
             (["cache", "flush", "senders"], ("cache", "flush", "senders"), "cache flush"),
+            (
+                ["cache", "drop", "tls_policy", "example.org"],
+                ("cache", "drop", "tls_policy", "example.org"),
+                "cache drop",
+            ),
+            (["tls-policy", "x.org"], ("tls-policy", "x.org", "cached"), "tls-policy"),
+            (["tls-policy", "--probe", "x.org"], ("tls-policy", "x.org", "probe"), "tls-policy"),
+            (["tls-policy", "-p", "x.org"], ("tls-policy", "x.org", "probe"), "tls-policy"),
         ]
         for argv, words, name in table:
             options, as_json = parse(argv)
@@ -86,6 +96,9 @@ class ParseTests(SynchronousTestCase):
             ["cache", "drop", "alias"],
             ["cache", "flush", "nomap"],
             ["cache"],
+            ["lookup", "tls_policy", "x.org"],
+            ["tls-policy"],
+            ["tls-policy", "a.org", "b.org"],
         ):
             self.assertRaises(usage.UsageError, parse, argv)
 
@@ -101,6 +114,7 @@ class ParseTests(SynchronousTestCase):
             ["cache", "--help"],
             ["cache", "drop", "--help"],
             ["cache", "flush", "--help"],
+            ["tls-policy", "--help"],
         ):
             stdout = io.StringIO()
             self.patch(__import__("sys"), "stdout", stdout)
@@ -272,6 +286,18 @@ class SecretsTests(SynchronousTestCase):
         self.assertEqual(shown["REDIS_SENTINEL_PASSWORD"], HIDDEN)
         self.assertEqual(shown["REDIS_URL"], "redis://user:***@redis:6379/1")
 
+    def test_ehloNameShown(self) -> None:
+        """The EHLO name the probe uses is shown, also when it is this host's."""
+        raw = raw_values({"USERLI_TOKEN": "t"})
+        config = Config.from_values(raw)
+        shown = shown_configuration(raw, config)
+        self.assertEqual(
+            shown["TLS_POLICY_EHLO_HOSTNAME"], f"(this host: {config.tls_policy_ehlo_hostname})"
+        )
+        raw = raw_values({"USERLI_TOKEN": "t", "TLS_POLICY_EHLO_HOSTNAME": "mx.example.org"})
+        shown = shown_configuration(raw, Config.from_values(raw))
+        self.assertEqual(shown["TLS_POLICY_EHLO_HOSTNAME"], "mx.example.org")
+
     def test_withoutPassword(self) -> None:
         """A URL without a password is shown as it is."""
         self.assertEqual(without_password("redis://redis:6379/0"), "redis://redis:6379/0")
@@ -366,6 +392,36 @@ class RenderTests(SynchronousTestCase):
             "  Userli now: OK a@example.org,b@example.org\n"
             "  Postfix gets: OK a@example.org\n",
         )
+
+    def test_tlsPolicy(self) -> None:
+        """C{tls-policy}: the cached verdict, how long it stays, Postfix's answer."""
+        data = {
+            "key": "User@Example.org",
+            "domain": "example.org",
+            "cached": {
+                "key": "userli:tlspolicy:domain:example.org",
+                "verdict": "encrypt",
+                "ttl": 3 * 3600 + 61.2,
+            },
+            "reply": "OK encrypt",
+            "probe": None,
+        }
+        out, _ = render(Report("tls-policy", OK, data), False)
+        self.assertEqual(
+            out,
+            "tls_policy User@Example.org\n"
+            "  domain: example.org\n"
+            "  cache: encrypt under userli:tlspolicy:domain:example.org, for 3h01m01s more\n"
+            "  Postfix gets: OK encrypt\n",
+        )
+        data["cached"] = {
+            "key": "userli:tlspolicy:domain:example.org",
+            "verdict": None,
+            "ttl": None,
+        }
+        data["reply"] = "NOTFOUND"
+        out, _ = render(Report("tls-policy", NOT_OK, data), False)
+        self.assertIn("nothing under userli:tlspolicy:domain:example.org", out)
 
     def test_quotaShow(self) -> None:
         """C{quota show}: identity, limits, counts and the next accepted message."""
@@ -510,6 +566,69 @@ class CheckUserliTests(SynchronousTestCase):
         self.stub.flush()
         self.assertEqual(self.successResultOf(d).status, NOT_OK)
 
+    def test_tlsPolicyWithoutRedis(self) -> None:
+        """
+        Without Redis, C{tls-policy} says the verdicts live inside the
+        daemon; a key that is no domain is NOTFOUND and never probed.
+        """
+        tools, _, _ = self.tools()
+        report: Report = self.successResultOf(tools.tlsPolicy("Alice@Example.ORG."))
+        self.assertEqual(report.status, NOT_OK)
+        self.assertEqual(report.data["domain"], "example.org")
+        self.assertIn("daemon's memory", report.data["cached"])
+        self.assertIsNone(report.data["probe"])
+        self.patch(tools, "makeProber", lambda: self.fail("probed"))
+        report = self.successResultOf(tools.tlsPolicy("not a domain", probe=True))
+        self.assertEqual((report.status, report.data["domain"]), (NOT_OK, None))
+
+    def test_tlsPolicyProbe(self) -> None:
+        """C{--probe}: each server with what it found; exit 0 for encrypt."""
+        tools, _, _ = self.tools()
+        result = tlspolicy.ProbeResult(
+            "example.org",
+            tlspolicy.ENCRYPT,
+            (
+                tlspolicy.MailHost(
+                    "mx.example.org",
+                    (
+                        HostReport("192.0.2.1", error="no connection: refused"),
+                        HostReport(
+                            "2001:db8::1",
+                            answered=True,
+                            banner="220 mx ESMTP",
+                            starttls_offered=True,
+                            tls=True,
+                            tls_version="TLSv1.3",
+                            cipher="TLS_AES_128_GCM_SHA256",
+                        ),
+                    ),
+                ),
+            ),
+        )
+
+        class Prober:
+            def probe(self, domain: str) -> Any:
+                assert domain == "example.org"
+                return defer.succeed(result)
+
+        self.patch(tools, "makeProber", Prober)
+        report: Report = self.successResultOf(tools.tlsPolicy("example.org", probe=True))
+        self.assertEqual(report.status, OK)
+        probe = report.data["probe"]
+        self.assertEqual(probe["verdict"], "encrypt")
+        self.assertEqual(probe["hosts"][0]["addresses"][1]["cipher"], "TLS_AES_128_GCM_SHA256")
+        json.dumps(report.document())
+        out, _ = render(report, False)
+        self.assertIn("    mx.example.org\n", out)
+        self.assertIn("      192.0.2.1:\n        error: no connection: refused\n", out)
+        self.assertIn(
+            "        banner: 220 mx ESMTP\n"
+            "        STARTTLS offered: yes\n"
+            "        handshake completed: yes\n"
+            "        TLS: TLSv1.3, TLS_AES_128_GCM_SHA256\n",
+            out,
+        )
+
     def test_commandsNeedingRedis(self) -> None:
         """Without REDIS_URL, the Redis commands exit 2 saying so."""
         tools, _, _ = self.tools()
@@ -517,7 +636,9 @@ class CheckUserliTests(SynchronousTestCase):
             tools.quotaShow("alice@example.org"),
             tools.quotaReset("alice@example.org"),
             tools.cacheDrop("alias", "x@example.org"),
+            tools.cacheDrop("tls_policy", "example.org"),
             tools.cacheFlush(None),
+            tools.cacheFlush("tls_policy"),
         ):
             report: Report = self.successResultOf(d)
             self.assertEqual(report.status, USAGE)

@@ -699,3 +699,67 @@ class ConfigTests(SynchronousTestCase):
         """The configuration cannot be changed once built."""
         config = Config.from_sources(TOKEN)
         self.assertRaises(AttributeError, setattr, config, "lookup_cache_ttl", 1.0)
+
+
+class TLSPolicySettingsTests(SynchronousTestCase):
+    """The C{TLS_POLICY_*} settings of the C{tls_policy} map."""
+
+    def test_defaults(self) -> None:
+        """
+        The Go branch's lifetimes and port; no name servers (resolv.conf);
+        EHLO with this host's fully qualified name, not C{localhost}.
+        """
+        self.patch(config_module.socket, "getfqdn", lambda: "mail.example.org")
+        config = Config.from_sources(TOKEN)
+        self.assertEqual(config.tls_policy_cache_ttl_tls, 168 * 3600.0)
+        self.assertEqual(config.tls_policy_cache_ttl_notls, 24 * 3600.0)
+        self.assertEqual(config.tls_policy_smtp_port, 25)
+        self.assertEqual(config.tls_policy_nameservers, ())
+        self.assertEqual(config.tls_policy_ehlo_hostname, "mail.example.org")
+
+    def test_unusableHostName(self) -> None:
+        """A host name that cannot go into EHLO falls back to C{localhost}."""
+        self.patch(config_module.socket, "getfqdn", lambda: "bad_name.example")
+        self.assertEqual(Config.from_sources(TOKEN).tls_policy_ehlo_hostname, "localhost")
+
+    def test_values(self) -> None:
+        """Each variable is read, from the environment or as an option."""
+        environ = {
+            **TOKEN,
+            "TLS_POLICY_NAMESERVERS": "127.0.0.1:5353, 192.0.2.53:53",
+            "TLS_POLICY_SMTP_PORT": "2525",
+            "TLS_POLICY_EHLO_HOSTNAME": "probe.example.net",
+            "TLS_POLICY_CACHE_TTL_TLS": "1h",
+            "TLS_POLICY_CACHE_TTL_NOTLS": "10m",
+        }
+        config = Config.from_sources(environ)
+        self.assertEqual(config.tls_policy_nameservers, (("127.0.0.1", 5353), ("192.0.2.53", 53)))
+        self.assertEqual(config.tls_policy_smtp_port, 2525)
+        self.assertEqual(config.tls_policy_ehlo_hostname, "probe.example.net")
+        self.assertEqual(config.tls_policy_cache_ttl_tls, 3600.0)
+        self.assertEqual(config.tls_policy_cache_ttl_notls, 600.0)
+        options = {s.option: environ[s.variable] for s in SETTINGS if s.variable in environ}
+        self.assertEqual(Config.from_sources({}, options), config)
+
+    def test_errors(self) -> None:
+        """Every bad value is refused naming its variable."""
+        table = [
+            ("TLS_POLICY_NAMESERVERS", "127.0.0.1"),
+            ("TLS_POLICY_NAMESERVERS", "dns.example:53"),
+            ("TLS_POLICY_NAMESERVERS", "127.0.0.1:0"),
+            ("TLS_POLICY_NAMESERVERS", "127.0.0.1:70000"),
+            ("TLS_POLICY_NAMESERVERS", "[::1]:53"),
+            ("TLS_POLICY_SMTP_PORT", "0"),
+            ("TLS_POLICY_SMTP_PORT", "smtp"),
+            ("TLS_POLICY_SMTP_PORT", "65536"),
+            ("TLS_POLICY_EHLO_HOSTNAME", "probe example"),
+            ("TLS_POLICY_EHLO_HOSTNAME", "probe\r\nMAIL FROM:<x>"),
+            ("TLS_POLICY_EHLO_HOSTNAME", "-probe.example"),
+            ("TLS_POLICY_CACHE_TTL_TLS", "0"),
+            ("TLS_POLICY_CACHE_TTL_TLS", "168"),
+            ("TLS_POLICY_CACHE_TTL_NOTLS", "-1h"),
+            ("TLS_POLICY_CACHE_TTL_NOTLS", "a day"),
+        ]
+        for variable, value in table:
+            error = self.assertRaises(ConfigError, Config.from_sources, {**TOKEN, variable: value})
+            self.assertEqual(error.variable, variable, f"{variable}={value!r}")

@@ -15,6 +15,7 @@ import tempfile
 from typing import Any
 
 from twisted.application.service import Application, IServiceCollection
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -28,6 +29,7 @@ from userli_postfix import config as config_module
 from userli_postfix.cache import MemoryCache, NearCache
 from userli_postfix.config import SETTINGS, Config
 from userli_postfix.socketmap import SocketmapFactory, netstring
+from userli_postfix.tlspolicy import MemoryPolicyCache, RedisPolicyCache
 
 
 class OptionsTests(SynchronousTestCase):
@@ -248,6 +250,29 @@ class MakeServiceTests(SynchronousTestCase):
         tracker = service._redis._tracker
         self.assertIs(tracker.listener, cache)
         self.assertEqual(tracker.prefix, "userli:lookup:")
+
+    def test_tls_policy_map(self) -> None:
+        """
+        The socketmap serves C{tls_policy} with the memory cache: a key that
+        is no domain is C{NOTFOUND}, never C{PERM}; a domain is probed (here
+        DNS cannot even start: C{NOTFOUND}, counted as a probe error).
+        """
+        service, _ = self.build(TLS_POLICY_NAMESERVERS="127.0.0.1:5353")
+        lookups = service.getServiceNamed("socketmap").factory.lookups
+        self.assertEqual(lookups.answer(b"tls_policy not..a.domain"), b"NOTFOUND ")
+        d = defer.maybeDeferred(lookups.answer, b"tls_policy example.org")
+        self.assertEqual(self.successResultOf(d), b"NOTFOUND ")
+        errors = lookups._metrics.registry.get_sample_value(
+            "userli_postfix_adapter_tls_policy_probe_total", {"result": "error"}
+        )
+        self.assertEqual(errors, 1)
+        self.assertIsInstance(lookups._others["tls_policy"].__self__._cache, MemoryPolicyCache)
+
+    def test_tls_policy_in_redis(self) -> None:
+        """With C{REDIS_URL} the verdicts are kept in Redis."""
+        service, _ = self.build(REDIS_URL="redis://redis:6379/0")
+        policy = service.getServiceNamed("socketmap").factory.lookups._others["tls_policy"]
+        self.assertIsInstance(policy.__self__._cache, RedisPolicyCache)
 
     def test_stop_drains(self) -> None:
         """

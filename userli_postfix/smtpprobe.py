@@ -73,10 +73,6 @@ def _shown(line: bytes) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:SHOWN_BANNER]
 
 
-class ProbeError(Exception):
-    """The server broke the protocol, or a bound: the probe ends here."""
-
-
 @implementer(IHandshakeListener)
 class SMTPProbeProtocol(LineOnlyReceiver):
     """
@@ -209,7 +205,7 @@ class SMTPProbeProtocol(LineOnlyReceiver):
             # The server never closed after QUIT (or after TLS's close).
             self.transport.abortConnection()
             return
-        self._fail(f"no complete {_STEPS[self._state]} within {STEP_TIMEOUT:g} s")
+        self._fail(f"timed out after {STEP_TIMEOUT:g} s waiting for {_STEPS[self._state]}")
 
     def _fail(self, error: str) -> None:
         self._finish(error=error)

@@ -65,6 +65,8 @@ MAX_ADDRESSES = 2
 DNS_TIMEOUTS = (1, 3)
 # The system's resolver configuration, when TLS_POLICY_NAMESERVERS is empty.
 RESOLV_CONF = "/etc/resolv.conf"
+# The longest domain name DNS carries, without its final dot.
+MAX_DOMAIN = 253
 # Without Redis: at most this many domains remembered.
 MEMORY_ENTRIES = 100_000
 
@@ -80,7 +82,16 @@ def normalise_policy_key(raw: str) -> str | None:
     after its last C{@}; lower case, without a trailing dot.  C{None} for a
     key that cannot be a domain (it is answered C{NOTFOUND}, unprobed).
     """
-    return normalise_domain(raw.rpartition("@")[2])
+    domain = normalise_domain(raw.rpartition("@")[2])
+    if domain is None:
+        return None
+    try:
+        # What DNS can carry: labels of at most 63 bytes, 253 in all, each
+        # non-ASCII one as its IDNA form (which twisted.names sends).
+        encoded = domain.encode("idna")
+    except UnicodeError:
+        return None
+    return domain if len(encoded) <= MAX_DOMAIN else None
 
 
 def decide(hosts: Sequence[tuple[bool, bool]]) -> str | None:
@@ -186,7 +197,7 @@ class Prober:
             if failure.check(NullMX):
                 # Nothing to protect: the domain takes no mail, so no
                 # delivery can be downgraded.  Remembered as "notls" so that
-                # Postfix's bounces do not each cost DNS queries.
+                # the next lookup costs no DNS query.
                 return ProbeResult(domain, NOTLS, error="null MX", null_mx=True)
             if failure.check(error.DNSNameError):
                 return ProbeResult(domain, None, error="no such domain")
@@ -194,7 +205,7 @@ class Prober:
                 domain, None, error=f"DNS lookup failed: {failure.getErrorMessage() or failure}"
             )
 
-        d = self.mailHosts(domain).addCallback(self._probeHosts, domain)
+        d = defer.maybeDeferred(self.mailHosts, domain).addCallback(self._probeHosts, domain)
         return d.addErrback(failed)
 
     def mailHosts(self, domain: str) -> defer.Deferred[list[str]]:
@@ -256,7 +267,8 @@ class Prober:
     @defer.inlineCallbacks
     def _probeHost(self, host: str) -> Any:
         try:
-            addresses = yield self.addresses(host)
+            # A name from an MX record that DNS cannot carry fails here too.
+            addresses = yield defer.maybeDeferred(self.addresses, host)
         except Exception as problem:
             return MailHost(host, error=f"DNS lookup failed: {problem}")
         if not addresses:
@@ -401,6 +413,7 @@ class TLSPolicy:
 
     def _awaitProbe(self, domain: str, started: float) -> defer.Deferred[bytes] | bytes:
         waiters = self._inflight.get(domain)
+        first = waiters is None
         if waiters is None:
             if len(self._inflight) >= self._maxProbes:
                 log.debug(
@@ -410,11 +423,13 @@ class TLSPolicy:
                 )
                 return NOTFOUND
             waiters = self._inflight[domain] = []
-            self._start(domain)
         waiter: defer.Deferred[str | None] = defer.Deferred()
         waiters.append(waiter)
         left = max(0.0, self._deadline - (self._clock.seconds() - started))
         d = answerWithin(waiter, left, self._clock, StillProbing)
+        if first:
+            # Started once its first waiter listens: a probe may end at once.
+            self._start(domain)
 
         def late(failure: Failure) -> bytes:
             failure.trap(StillProbing)
@@ -445,7 +460,7 @@ class TLSPolicy:
             for waiter in self._inflight.pop(domain, []):
                 waiter.callback(None)
 
-        self._prober.probe(domain).addCallback(probed).addErrback(crashed)
+        defer.maybeDeferred(self._prober.probe, domain).addCallback(probed).addErrback(crashed)
 
 
 def _reply(verdict: str | None) -> bytes:

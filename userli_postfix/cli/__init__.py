@@ -64,6 +64,8 @@ def execute(tools: Tools, name: str, words: tuple[str, ...]) -> Generator[Any, A
             report = yield tools.quotaShow(words[2])
         elif words[:2] == ("quota", "reset"):
             report = yield tools.quotaReset(words[2])
+        elif words[0] == "tls-policy":
+            report = yield tools.tlsPolicy(words[1], probe=words[2] == "probe")
         elif words[:2] == ("cache", "drop"):
             report = yield tools.cacheDrop(words[2], words[3])
         else:

@@ -72,6 +72,8 @@ def shown_configuration(raw: dict[str, str | None], config: Config) -> dict[str,
             shown[setting.variable] = without_password(value) if value else ""
         elif setting.variable in LISTEN_VARIABLES and endpoints[setting.variable]:
             shown[setting.variable] = f"{value} ({endpoints[setting.variable]})"
+        elif setting.variable == "TLS_POLICY_EHLO_HOSTNAME" and not value.strip():
+            shown[setting.variable] = f"(this host: {config.tls_policy_ehlo_hostname})"
         else:
             shown[setting.variable] = value
     return shown

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Callable, Generator
+from dataclasses import asdict
 from typing import Any
 
 import txredisapi
@@ -18,6 +19,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from userli_postfix import tlspolicy
 from userli_postfix.addresses import normalise_address, normalise_domain
 from userli_postfix.cache import cache_key
 from userli_postfix.cli.report import NOT_OK, OK, Report, usage_error, when
@@ -37,8 +39,10 @@ from userli_postfix.userli import Quota, UserliClient, UserliError
 
 log = Logger()
 
-# The socketmap maps the daemon serves (see L{Lookups}).
+# The socketmap maps the daemon answers from Userli (see L{Lookups}).
 MAPS = ("alias", "domain", "mailbox", "senders")
+# The maps whose cached answers the cache commands work on.
+CACHE_MAPS = (*MAPS, "tls_policy")
 
 # How long a command waits for its Redis connection before it says Redis
 # cannot be reached: a little longer than one connection attempt.
@@ -130,6 +134,8 @@ class Tools:
 
     def normalise(self, mapname: str, key: str) -> str | None:
         """The key as the daemon asks Userli for it; C{None} when it never would."""
+        if mapname == "tls_policy":
+            return tlspolicy.normalise_policy_key(key)
         if mapname == "domain":
             return normalise_domain(key)
         return normalise_address(key, self.config.recipient_delimiter)
@@ -260,10 +266,14 @@ class Tools:
         missing = self.needsRedis(command)
         if missing is not None:
             return missing
-        keys = [cache_key(mapname, key)]
         normalised = self.normalise(mapname, key)
-        if normalised is not None and normalised != key:
-            keys.append(cache_key(mapname, normalised))
+        if mapname == "tls_policy":
+            # Verdicts are kept under the domain only.
+            keys = [tlspolicy.cache_key(normalised or key)]
+        else:
+            keys = [cache_key(mapname, key)]
+            if normalised is not None and normalised != key:
+                keys.append(cache_key(mapname, normalised))
         redis = yield self.redis()
         removed = []
         for name in keys:
@@ -286,7 +296,10 @@ class Tools:
         missing = self.needsRedis(command)
         if missing is not None:
             return missing
-        pattern = cache_key(mapname, "*") if mapname else LOOKUP_PREFIX + "*"
+        if mapname == "tls_policy":
+            pattern = tlspolicy.cache_key("*")
+        else:
+            pattern = cache_key(mapname, "*") if mapname else LOOKUP_PREFIX + "*"
         redis = yield self.redis()
         cursor = "0"
         removed = 0
@@ -305,6 +318,49 @@ class Tools:
         )
         return Report(command, OK, {"pattern": pattern, "removed": removed})
 
+    # tls-policy -------------------------------------------------------
+
+    def makeProber(self) -> tlspolicy.Prober:
+        """A prober as the daemon's (name servers, SMTP port, EHLO name)."""
+        return tlspolicy.makeProber(self.config, self.clock)
+
+    @defer.inlineCallbacks
+    def tlsPolicy(self, key: str, probe: bool = False) -> Generator[Any, Any, Report]:
+        """
+        The C{tls_policy} answer for a domain: the cached verdict and its
+        remaining lifetime; with C{probe}, a fresh probe (not stored).
+        """
+        command = "tls-policy"
+        domain = tlspolicy.normalise_policy_key(key)
+        data: dict[str, Any] = {"key": key, "domain": domain, "probe": None}
+        if domain is None:
+            data.update(cached=None, reply="NOTFOUND")
+            return Report(command, NOT_OK, data)
+        cached: dict[str, Any] | str
+        if self.config.redis is None:
+            cached = "in the daemon's memory (no REDIS_URL), not visible here"
+        else:
+            name = tlspolicy.cache_key(domain)
+            try:
+                redis = yield self.redis()
+                value = yield redis.execute("GET", name)
+                ttl_ms = yield redis.execute("PTTL", name)
+                verdict = None if value is None else text(value)
+                ttl = None if int(ttl_ms) < 0 else int(ttl_ms) / 1000.0
+                cached = {"key": name, "verdict": verdict, "ttl": ttl if verdict else None}
+            except Exception as error:
+                cached = f"Redis not reachable ({error}): the daemon answers NOTFOUND"
+        data["cached"] = cached
+        verdict = cached.get("verdict") if isinstance(cached, dict) else None
+        data["reply"] = "OK encrypt" if verdict == tlspolicy.ENCRYPT else "NOTFOUND"
+        answer = data["reply"]
+        if probe:
+            started = self.clock.seconds()
+            result = yield self.makeProber().probe(domain)
+            data["probe"] = _probeData(result, self.clock.seconds() - started)
+            answer = "OK encrypt" if result.verdict == tlspolicy.ENCRYPT else "NOTFOUND"
+        return Report(command, OK if answer == "OK encrypt" else NOT_OK, data)
+
     @staticmethod
     def _unlink(redis: RedisClient, names: list[Any]) -> defer.Deferred[Any]:
         """UNLINK (frees memory in the background); DEL on a Redis older than 4."""
@@ -314,6 +370,26 @@ class Tools:
             return redis.execute("DEL", *names)
 
         return redis.execute("UNLINK", *names).addErrback(old)
+
+
+def _probeData(result: tlspolicy.ProbeResult, seconds: float) -> dict[str, Any]:
+    """A probe's result as JSON-ready data."""
+    return {
+        "verdict": result.verdict,
+        "error": result.error,
+        "null_mx": result.null_mx,
+        "seconds": round(seconds, 3),
+        "hosts": [
+            {
+                "name": host.name,
+                "error": host.error,
+                "answered": host.answered,
+                "tls": host.tls,
+                "addresses": [asdict(report) for report in host.reports],
+            }
+            for host in result.hosts
+        ],
+    }
 
 
 def _iso(unix_ns_value: int) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.python import usage
 
 from userli_postfix import __version__
-from userli_postfix.cli.commands import MAPS
+from userli_postfix.cli.commands import CACHE_MAPS, MAPS
 from userli_postfix.config import SETTINGS
 
 
@@ -36,9 +36,9 @@ class _Command(usage.Options):
         return self.name
 
 
-def _map(name: str) -> str:
-    if name not in MAPS:
-        raise usage.UsageError(f"unknown map {name!r} (one of {', '.join(MAPS)})")
+def _map(name: str, maps: tuple[str, ...] = MAPS) -> str:
+    if name not in maps:
+        raise usage.UsageError(f"unknown map {name!r} (one of {', '.join(maps)})")
     return name
 
 
@@ -108,11 +108,12 @@ class CacheDropOptions(_Command):
     synopsis = "[--json] MAP KEY"
     longdesc = (
         "Remove the cached answer of KEY (as given and normalised) in MAP, so the "
-        "next lookup asks Userli. Exit status 1 when nothing was cached."
+        "next lookup asks Userli (for tls_policy: the next lookup probes the domain "
+        "again). Exit status 1 when nothing was cached."
     )
 
     def parseArgs(self, mapname: str, key: str) -> None:  # type: ignore[override]
-        self.mapname = _map(mapname)
+        self.mapname = _map(mapname, CACHE_MAPS)
         self.key = key
 
     def command(self) -> tuple[str, ...]:
@@ -125,10 +126,33 @@ class CacheFlushOptions(_Command):
     longdesc = "Remove every cached answer, or those of MAP only (SCAN and UNLINK, never KEYS)."
 
     def parseArgs(self, mapname: str | None = None) -> None:
-        self.mapname = None if mapname is None else _map(mapname)
+        self.mapname = None if mapname is None else _map(mapname, CACHE_MAPS)
 
     def command(self) -> tuple[str, ...]:
         return ("cache", "flush") if self.mapname is None else ("cache", "flush", self.mapname)
+
+
+class TLSPolicyOptions(_Command):
+    name = "tls-policy"
+    synopsis = "[--json] [--probe] DOMAIN"
+    longdesc = (
+        "The tls_policy answer Postfix gets for DOMAIN (or an address's domain): the "
+        "verdict cached in Redis and for how long. With --probe, probe the domain's "
+        "mail servers now (nothing is stored) and show, for each, its banner, whether "
+        "it offers STARTTLS, whether the TLS handshake completed, the TLS version and "
+        "cipher, or the error. Exit status 0 when the answer (the probe's, with "
+        "--probe) is OK encrypt, 1 otherwise."
+    )
+    optFlags = [
+        *_Command.optFlags,
+        ["probe", "p", "probe the domain's mail servers now"],
+    ]
+
+    def parseArgs(self, domain: str) -> None:  # type: ignore[override]
+        self.domain = domain
+
+    def command(self) -> tuple[str, ...]:
+        return ("tls-policy", self.domain, "probe" if self["probe"] else "cached")
 
 
 class _Group(_Command):
@@ -172,7 +196,7 @@ class Options(_Group):
     userli-postfix}.
     """
 
-    synopsis = "Usage: userli-postfix [options] check|lookup|quota|cache ..."
+    synopsis = "Usage: userli-postfix [options] check|lookup|quota|cache|tls-policy ..."
     longdesc = (
         "The operator's tool for userli-postfix. It reads the daemon's environment "
         "variables (and the same options), validated the same way. Exit status: 0 ok, "
@@ -187,6 +211,7 @@ class Options(_Group):
         ["lookup", None, LookupOptions, "what Postfix would get for a key"],
         ["quota", None, QuotaOptions, "show or reset a sender's quota windows"],
         ["cache", None, CacheOptions, "drop cached lookup answers"],
+        ["tls-policy", None, TLSPolicyOptions, "a domain's tls_policy answer; --probe: probe now"],
     ]
 
     def given(self) -> dict[str, str | None]:

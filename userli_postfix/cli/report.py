@@ -172,6 +172,48 @@ def _cache_flush(data: dict[str, Any]) -> list[str]:
     return [f"Dropped {data['removed']} cached answer(s) matching {data['pattern']}"]
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _tls_policy(data: dict[str, Any]) -> list[str]:
+    lines = [f"tls_policy {data['key']}"]
+    if data["domain"] is None:
+        lines.append("  not a domain: Postfix gets NOTFOUND, nothing is probed")
+        return lines
+    lines.append(f"  domain: {data['domain']}")
+    cached = data["cached"]
+    if isinstance(cached, str):
+        lines.append(f"  cache: {cached}")
+    elif cached["verdict"] is None:
+        lines.append(f"  cache: nothing under {cached['key']} (the next lookup probes)")
+    else:
+        ttl = cached["ttl"]
+        left = "no expiry" if ttl is None else f"for {duration(ttl)} more"
+        lines.append(f"  cache: {cached['verdict']} under {cached['key']}, {left}")
+    lines.append(f"  Postfix gets: {data['reply']}")
+    probe = data["probe"]
+    if probe is None:
+        return lines
+    verdict = probe["verdict"] or "error, not cached"
+    problem = f" ({probe['error']})" if probe["error"] else ""
+    lines.append(f"  probe ({probe['seconds']:.1f} s): {verdict}{problem}")
+    for host in probe["hosts"]:
+        lines.append(f"    {host['name']}" + (f": {host['error']}" if host["error"] else ""))
+        for report in host["addresses"]:
+            lines.append(f"      {report['address']}:")
+            if report["banner"] is not None:
+                lines.append(f"        banner: {report['banner']}")
+            if report["answered"]:
+                lines.append(f"        STARTTLS offered: {_yes(report['starttls_offered'])}")
+                lines.append(f"        handshake completed: {_yes(report['tls'])}")
+            if report["tls"]:
+                lines.append(f"        TLS: {report['tls_version']}, {report['cipher']}")
+            if report["error"]:
+                lines.append(f"        error: {report['error']}")
+    return lines
+
+
 _FORMATS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "check": _check,
     "lookup": _lookup,
@@ -179,6 +221,7 @@ _FORMATS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "quota reset": _quota_reset,
     "cache drop": _cache_drop,
     "cache flush": _cache_flush,
+    "tls-policy": _tls_policy,
 }
 
 
