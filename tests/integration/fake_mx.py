@@ -33,6 +33,7 @@ import socketserver
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -302,6 +303,7 @@ class Session:
         or while the fake was still sending).
     @ivar ended: the connection is over, whoever ended it.
     @ivar sent: bytes the fake managed to send.
+    @ivar lasted: seconds from the accept to the end, once ended.
     """
 
     address: str
@@ -315,6 +317,7 @@ class Session:
     ended: bool = False
     sent: int = 0
     messages: tuple[Message, ...] = ()
+    lasted: float | None = None
 
 
 @dataclass
@@ -361,6 +364,7 @@ class _Conversation:
         self.sock: socket.socket = sock
         self.buffer = b""
         self.tls = False
+        self.accepted = time.monotonic()
         with mx.lock:
             self.behaviour = host.behaviour
             self.delay = host.delay
@@ -386,7 +390,7 @@ class _Conversation:
         except (TimeoutError, OSError):
             pass
         finally:
-            self.note(ended=True)
+            self.note(ended=True, lasted=time.monotonic() - self.accepted)
             self.mx.closed(self.sock)
             try:
                 self.sock.close()

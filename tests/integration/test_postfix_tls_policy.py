@@ -17,6 +17,7 @@ asks the map for.)  Nothing outside the test sees either.
 from __future__ import annotations
 
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -179,6 +180,7 @@ def test_postfix_follows_the_map(
     Postfix defers the next message instead of sending it in the clear.
     """
     _, postfix = start_mail_system()
+    started = time.monotonic()
     send(postfix, "first@tls.test")
     send(postfix, "someone@plain.test")
 
@@ -189,6 +191,7 @@ def test_postfix_follows_the_map(
     assert cached(redis_server, "tls.test") == "encrypt"
     assert cached(redis_server, "plain.test") == "notls"
     postfix.wait_for_log(f"TLS connection established to mx10.tls.test[{remote.host('tls.test')}]")
+    both_delivered = time.monotonic() - started
 
     remote.mx.set_behaviour(remote.host("tls.test"), Behaviour.NO_TLS)
     send(postfix, "second@tls.test")
@@ -198,3 +201,7 @@ def test_postfix_follows_the_map(
     ] == [("first@tls.test",)]
     queued = postfix.queued()
     assert [r["address"] for m in queued for r in m["recipients"]] == ["second@tls.test"]
+    print(
+        f"\ntls_policy through Postfix: one message over TLS and one in the clear delivered "
+        f"{both_delivered:.1f} s after submission; with STARTTLS stripped, deferred"
+    )
