@@ -361,6 +361,8 @@ class _Conversation:
     def __init__(self, mx: FakeMX, host: _Host, sock: socket.socket) -> None:
         self.mx = mx
         self.host = host
+        # The TCP socket, and what is spoken over: it or TLS over it.
+        self.raw = sock
         self.sock: socket.socket = sock
         self.buffer = b""
         self.tls = False
@@ -382,7 +384,7 @@ class _Conversation:
             return self.host.sessions[self.index]
 
     def run(self) -> None:
-        self.mx.opened(self.sock)
+        self.mx.opened(self.raw)
         try:
             self.converse()
         except _PeerClosed:
@@ -391,11 +393,12 @@ class _Conversation:
             pass
         finally:
             self.note(ended=True, lasted=time.monotonic() - self.accepted)
-            self.mx.closed(self.sock)
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            self.mx.closed(self.raw)
+            for sock in (self.sock, self.raw):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
 
     def send(self, data: bytes) -> None:
         try:
@@ -450,7 +453,8 @@ class _Conversation:
                 mail_from, recipients = None, []
                 self.ehlo(verb)
             elif verb == "STARTTLS" and not self.tls and self.offersTLS():
-                self.starttls()
+                if not self.starttls():
+                    return
             elif verb == "MAIL":
                 mail_from, recipients = _angle(command), []
                 self.reply("250 2.1.0 Ok")
@@ -493,22 +497,21 @@ class _Conversation:
         lines = [f"mx-{self.host.address}", *extensions]
         self.reply("\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}")
 
-    def starttls(self) -> None:
+    def starttls(self) -> bool:
+        """Go over to TLS; whether the handshake completed (if not, hang up)."""
         self.note(starttls=True)
         self.reply("220 2.0.0 Ready to start TLS")
         if self.behaviour is Behaviour.BROKEN_TLS:
             self.sock.recv(65536)
             self.send(HANDSHAKE_FAILURE)
-            return self.hangUp()
+            return False
         try:
             wrapped = self.mx.tls_context.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError):
-            return self.hangUp()
+            return False
         self.sock, self.buffer, self.tls = wrapped, b"", True
         self.note(handshake=True, tls_version=wrapped.version())
-
-    def hangUp(self) -> None:
-        raise OSError("the TLS handshake did not complete")
+        return True
 
     def data(self) -> bytes:
         lines: list[str] = []

@@ -1,13 +1,16 @@
 """
 Tests for the integration harness itself: the fake Userli, the private
-C{redis-server} and the C{postmap} helper must be trustworthy before any
-daemon test can be.
+C{redis-server}, the C{postmap} helper, and the DNS server and mail
+servers of the C{tls_policy} tests must be trustworthy before any daemon
+test can be.
 """
 
 from __future__ import annotations
 
 import json
+import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.names import dns
 
 from tests.fake_userli import (
     EMPTY,
@@ -31,6 +35,15 @@ from tests.fake_userli import (
     FakeUserliServer,
 )
 from tests.integration.conftest import DOMAIN
+from tests.integration.fake_mx import (
+    Behaviour,
+    FakeDNS,
+    FakeMX,
+    LoopbackBlock,
+    Zone,
+    mail_domain,
+    mx,
+)
 from tests.integration.harness import (
     ROOT,
     RedisReplyError,
@@ -364,3 +377,97 @@ class TestPostmap:
     def test_free_port(self) -> None:
         """free_port gives a port nothing listens on."""
         assert not accepts(("127.0.0.1", free_port()))
+
+
+def _dns_query(server: tuple[str, int], name: str, kind: int, tcp: bool = False) -> dns.Message:
+    """One DNS question, over UDP or TCP; the parsed answer."""
+    query = dns.Message(id=7, recDes=0)
+    query.addQuery(name, kind)
+    data = query.toStr()
+    if tcp:
+        with socket.create_connection(server, timeout=5) as s:
+            s.sendall(len(data).to_bytes(2, "big") + data)
+            raw = b""
+            while len(raw) < 2 or len(raw) < 2 + int.from_bytes(raw[:2], "big"):
+                chunk = s.recv(65536)
+                assert chunk, "the DNS server closed the connection"
+                raw += chunk
+            raw = raw[2:]
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(data, server)
+            raw = s.recv(65536)
+    answer = dns.Message()
+    answer.fromStr(raw)
+    return answer
+
+
+class TestFakeDNS:
+    """The test DNS server answers from its zone, with authority, over UDP and TCP."""
+
+    def test_zone(self) -> None:
+        """MX with their addresses, NODATA, NXDOMAIN, null MX; every question noted."""
+        records = {
+            **mail_domain("mail.test", (20, "127.0.0.3"), (10, "127.0.0.2")),
+            "null.test": [mx(0, ".")],
+        }
+        with FakeDNS(Zone("test", records), [("127.0.0.1", 0)]) as server:
+            address = server.addresses[0]
+            assert server.nameservers == f"127.0.0.1:{address[1]}"
+            for tcp in (False, True):
+                answer = _dns_query(address, "MAIL.test", dns.MX, tcp=tcp)
+                assert answer.auth and answer.rCode == dns.OK
+                assert sorted(
+                    (r.payload.preference, str(r.payload.name)) for r in answer.answers
+                ) == [
+                    (10, "mx10.mail.test"),
+                    (20, "mx20.mail.test"),
+                ]
+            glue = _dns_query(address, "mx10.mail.test", dns.A)
+            assert [r.payload.dottedQuad() for r in glue.answers] == ["127.0.0.2"]
+            assert [r.ttl for r in glue.answers] == [0]
+            assert _dns_query(address, "mx10.mail.test", dns.MX).answers == []
+            assert _dns_query(address, "nosuch.test", dns.MX).rCode == dns.ENAME
+            (null,) = _dns_query(address, "null.test", dns.MX).answers
+            assert (null.payload.preference, str(null.payload.name)) == (0, "")
+            assert server.queries()[:2] == [("MAIL.test", "MX"), ("MAIL.test", "MX")]
+
+
+class TestFakeMX:
+    """The fake mail servers behave as named and record what they saw."""
+
+    def test_behaviours(self) -> None:
+        """
+        A working handshake, one answered with an alert, no STARTTLS, a
+        message in the clear; a refusing address refuses.
+        """
+        block = LoopbackBlock()
+        good, broken, plain = block.address(1), block.address(2), block.address(3)
+        behaviours = {good: Behaviour.TLS, broken: Behaviour.BROKEN_TLS, plain: Behaviour.NO_TLS}
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        with FakeMX(behaviours) as fake:
+            with smtplib.SMTP(good, fake.port, local_hostname="client.test") as smtp:
+                smtp.starttls(context=client)
+                smtp.ehlo()
+            with smtplib.SMTP(broken, fake.port) as smtp:
+                smtp.ehlo()
+                assert smtp.has_extn("starttls")
+                with pytest.raises(ssl.SSLError):
+                    smtp.starttls(context=client)
+            with smtplib.SMTP(plain, fake.port, local_hostname="client.test") as smtp:
+                smtp.ehlo()
+                assert not smtp.has_extn("starttls")
+                smtp.sendmail("a@client.test", ["b@plain.test"], "Subject: hi\r\n\r\nHello\r\n")
+            assert not accepts((block.address(4), fake.port))
+
+            (tls,) = fake.wait_for_sessions(good)
+            assert tls.ehlo == ("client.test", "client.test")
+            assert tls.starttls and tls.handshake and tls.quit
+            (failed,) = fake.wait_for_sessions(broken)
+            assert failed.starttls and not failed.handshake
+            (clear,) = fake.wait_for_sessions(plain)
+            assert [(m.recipients, m.over_tls) for m in clear.messages] == [
+                (("b@plain.test",), False)
+            ]
