@@ -9,9 +9,9 @@ and its SMTP client delivers to port 25 of the MX hosts, so here both are
 real: the instance runs in a mount namespace of its own whose
 C{resolv.conf} names the test DNS server on port 53 of a loopback address
 of a block picked for this test, and the fake mail exchangers listen on
-port 25 of addresses of that block.  (A transport map with C{domain:port}
-could move the port, but then the port would be part of the key Postfix
-asks the map for.)  Nothing outside the test sees either.
+port 25 of addresses of that block, so Postfix delivers by MX exactly as
+it would to the Internet (no transport map changes its next hop or the
+key it asks the map for).  Nothing outside the test sees either.
 """
 
 from __future__ import annotations
