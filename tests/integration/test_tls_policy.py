@@ -149,6 +149,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
+    """L{HOSTS} in a loopback block of their own, L{DOMAINS} in the test zone."""
     block = LoopbackBlock()
     behaviours = {block.address(n): b for n, b in HOSTS.items()}
     if has_ipv6_loopback():
@@ -172,6 +173,7 @@ def world() -> Iterator[World]:
 
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The module daemon's Redis, where its verdicts are read back."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     try:
