@@ -141,6 +141,25 @@ class MemoryLookupTests(UserliTestCase):
             4,
         )
 
+    def test_hot_key_costs_nothing_more(self) -> None:
+        """
+        A held answer of a hosted domain is served before the memory is
+        consulted: a hot key costs what it cost without the memory.
+        """
+        self.ask(b"alias info@example.org")
+        peeks: list[tuple[str, str]] = []
+        peek = self.store.peek
+
+        def counted(mapname: str, key: str) -> bytes | None:
+            peeks.append((mapname, key))
+            return peek(mapname, key)
+
+        self.patch(self.store, "peek", counted)
+        self.assertEqual(self.lookups.answer(b"alias info@example.org"), b"OK alice@example.org")
+        self.assertEqual(peeks, [])
+        self.assertEqual(self.ask(b"alias other@example.org"), b"NOTFOUND ")
+        self.assertNotEqual(peeks, [])
+
     def test_asked_again_after_ttl(self) -> None:
         """Once the TTL has passed, Userli is asked again (and the answer remembered anew)."""
         self.ask(b"domain remote.test")

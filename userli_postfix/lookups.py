@@ -109,11 +109,6 @@ class Lookups:
             key = raw_key.decode("utf-8")
         except UnicodeDecodeError:
             return self._done(mapname, started, NOTFOUND)
-        remote = self._remote
-        if remote is not None and remote.held(domain_of(mapname, key)):
-            # As Postfix sent it: when that is the domain remembered, the
-            # normalised key has it too (or is no key at all: NOTFOUND).
-            return self._remembered(mapname, started)
         cache = self._cache
         if cache is not None:
             # What this process holds was stored after the key passed
@@ -123,6 +118,13 @@ class Lookups:
             if reply is not None:
                 self._cacheResult(mapname, "hit")
                 return self._done(mapname, started, reply)
+        # After the held OK answers, so that a hot key of a hosted domain
+        # costs nothing more; before any Redis read or API call.  The domain
+        # as Postfix sent it: when that is a remembered one, so is the
+        # normalised key's (or the key is none: NOTFOUND either way).
+        remote = self._remote
+        if remote is not None and remote.held(domain_of(mapname, key)):
+            return self._remembered(mapname, started)
         normalise, call, render = entry
         normalised = normalise(key)
         if normalised is None:
