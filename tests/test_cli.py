@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from typing import Any
 
 from treq.testing import StubTreq
@@ -423,6 +424,59 @@ class RenderTests(SynchronousTestCase):
         out, _ = render(Report("tls-policy", NOT_OK, data), False)
         self.assertIn("nothing under userli:tlspolicy:domain:example.org", out)
 
+    def test_lookupFromRemoteDomainMemory(self) -> None:
+        """
+        C{lookup} of a key in a remembered remote domain: the memory's entry
+        and lifetime, and that Postfix's C{NOTFOUND} comes from it.
+        """
+        data = {
+            "map": "alias",
+            "key": "someone@remote.test",
+            "normalised": "someone@remote.test",
+            "remote": {
+                "key": "userli:lookup:remote:remote.test",
+                "domain": "remote.test",
+                "reply": "NOTFOUND",
+                "ttl": 42.0,
+            },
+            "cached": {"key": "userli:lookup:alias:someone@remote.test", "reply": None},
+            "userli": "NOTFOUND",
+            "reply": "NOTFOUND",
+            "source": "remote-domain memory",
+        }
+        out, _ = render(Report("lookup", NOT_OK, data), False)
+        self.assertEqual(
+            out,
+            "alias someone@remote.test\n"
+            "  normalised key: someone@remote.test\n"
+            "  remote-domain memory: remote.test is not a Userli domain, "
+            "under userli:lookup:remote:remote.test, for 42s more\n"
+            "  cache: nothing under userli:lookup:alias:someone@remote.test\n"
+            "  Userli now: NOTFOUND\n"
+            "  Postfix gets: NOTFOUND (from the remote-domain memory)\n",
+        )
+        data["remote"] = {**data["remote"], "reply": None, "ttl": None}  # type: ignore[dict-item]
+        data["source"] = "Userli"
+        out, _ = render(Report("lookup", NOT_OK, data), False)
+        self.assertIn(
+            "  remote-domain memory: nothing under userli:lookup:remote:remote.test\n", out
+        )
+        self.assertIn("  Postfix gets: NOTFOUND\n", out)
+
+    def test_cacheFlushPatterns(self) -> None:
+        """C{cache flush domain} names both patterns it removed."""
+        data = {
+            "pattern": "userli:lookup:domain:*",
+            "patterns": ["userli:lookup:domain:*", "userli:lookup:remote:*"],
+            "removed": 4,
+        }
+        out, _ = render(Report("cache flush", OK, data), False)
+        self.assertEqual(
+            out,
+            "Dropped 4 cached answer(s) matching userli:lookup:domain:* and "
+            "userli:lookup:remote:*\n",
+        )
+
     def test_quotaShow(self) -> None:
         """C{quota show}: identity, limits, counts and the next accepted message."""
         data = {
@@ -562,6 +616,8 @@ class CheckUserliTests(SynchronousTestCase):
         self.assertEqual(report.data["normalised"], "example.org")
         self.assertEqual(report.data["reply"], "OK 1")
         self.assertIn("daemon's memory", report.data["cached"])
+        self.assertIn("daemon's memory", report.data["remote"])
+        self.assertEqual(report.data["source"], "Userli")
         d = tools.lookup("mailbox", "nobody@example.org")
         self.stub.flush()
         self.assertEqual(self.successResultOf(d).status, NOT_OK)
@@ -628,6 +684,15 @@ class CheckUserliTests(SynchronousTestCase):
             "        TLS: TLSv1.3, TLS_AES_128_GCM_SHA256\n",
             out,
         )
+
+    def test_lookupRemoteMemoryOff(self) -> None:
+        """With C{REMOTE_DOMAIN_CACHE_TTL=0}, C{lookup} says the memory is off."""
+        tools, _, _ = self.tools()
+        tools.config = replace(tools.config, remote_domain_cache_ttl=0.0)
+        d = tools.lookup("alias", "a@remote.test")
+        self.stub.flush()
+        report: Report = self.successResultOf(d)
+        self.assertEqual(report.data["remote"], "off (REMOTE_DOMAIN_CACHE_TTL=0)")
 
     def test_commandsNeedingRedis(self) -> None:
         """Without REDIS_URL, the Redis commands exit 2 saying so."""

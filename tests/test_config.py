@@ -406,6 +406,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
         self.assertIsNone(config.redis)
         self.assertEqual(config.lookup_cache_ttl, 300.0)
+        self.assertEqual(config.remote_domain_cache_ttl, 60.0)
         self.assertEqual(config.quota_cache_ttl, 0.0)
         self.assertEqual(config.sasl_failure_delay, 2.0)
         self.assertEqual(config.log_level, "info")
@@ -429,6 +430,7 @@ class ConfigTests(SynchronousTestCase):
         }
         self.assertEqual({k: defaults.get(k, "missing") for k in go}, go)
         self.assertEqual(defaults["QUOTA_CACHE_TTL"], "0")
+        self.assertEqual(defaults["REMOTE_DOMAIN_CACHE_TTL"], "60s")
         self.assertEqual(defaults["SASL_FAILURE_DELAY"], "2s")
         self.assertEqual(defaults["LOG_FORMAT"], "text")
 
@@ -596,6 +598,12 @@ class ConfigTests(SynchronousTestCase):
         config = Config.from_sources({**TOKEN, "LOOKUP_CACHE_TTL": "0"})
         self.assertEqual(config.lookup_cache_ttl, 0.0)
 
+    def test_remote_domain_ttl(self) -> None:
+        """C{REMOTE_DOMAIN_CACHE_TTL} is a Go duration; C{0} turns the memory off."""
+        for value, seconds in [("0", 0.0), ("90s", 90.0), ("1h30m", 5400.0), ("1.5m", 90.0)]:
+            config = Config.from_sources({**TOKEN, "REMOTE_DOMAIN_CACHE_TTL": value})
+            self.assertEqual(config.remote_domain_cache_ttl, seconds, value)
+
     def test_empty_sasl_is_off(self) -> None:
         """An empty or blank C{SASL_LISTEN_ADDR} leaves the SASL listener off."""
         for value in ["", "  "]:
@@ -619,6 +627,9 @@ class ConfigTests(SynchronousTestCase):
             ("LOOKUP_CACHE_TTL", "-5m"),
             ("LOOKUP_CACHE_TTL", "300"),
             ("LOOKUP_CACHE_TTL", "five minutes"),
+            ("REMOTE_DOMAIN_CACHE_TTL", "-1s"),
+            ("REMOTE_DOMAIN_CACHE_TTL", "60"),
+            ("REMOTE_DOMAIN_CACHE_TTL", "a minute"),
             ("QUOTA_CACHE_TTL", "-1s"),
             ("QUOTA_CACHE_TTL", "30"),
             ("SASL_FAILURE_DELAY", "-2s"),

@@ -274,6 +274,42 @@ class MakeServiceTests(SynchronousTestCase):
         policy = service.getServiceNamed("socketmap").factory.lookups._others["tls_policy"]
         self.assertIsInstance(policy.__self__._cache, RedisPolicyCache)
 
+    def test_remote_domain_memory(self) -> None:
+        """
+        The remote-domain memory: in memory without Redis; with Redis in the
+        lookup cache's near-cache (also when the lookup cache is off, so
+        Redis still reports its changes); none with
+        C{REMOTE_DOMAIN_CACHE_TTL=0}.  Lookups and the policy share it.
+        """
+
+        def parts(service: Any) -> tuple[Any, Any, Any]:
+            lookups = service.getServiceNamed("socketmap").factory.lookups
+            policy = service.getServiceNamed("policy").factory.policy
+            self.assertIs(policy._remote, lookups._remote)
+            return lookups._cache, lookups._remote, service._redis
+
+        cache, remote, _ = parts(self.build()[0])
+        self.assertIsInstance(remote._store, MemoryCache)
+        self.assertIsNot(remote._store, cache)
+        self.assertEqual(remote._ttl, 60.0)
+        cache, remote, redis = parts(self.build(REDIS_URL="redis://redis:6379/0")[0])
+        self.assertIs(remote._store, cache)
+        cache, remote, redis = parts(
+            self.build(REDIS_URL="redis://redis:6379/0", LOOKUP_CACHE_TTL="0")[0]
+        )
+        self.assertIsNone(cache)
+        self.assertIsInstance(remote._store, NearCache)
+        self.assertIs(redis._tracker.listener, remote._store)
+        for environ in ({}, {"REDIS_URL": "redis://redis:6379/0"}):
+            _, remote, _ = parts(self.build(REMOTE_DOMAIN_CACHE_TTL="0", **environ)[0])
+            self.assertIsNone(remote)
+        _, _, redis = parts(
+            self.build(
+                REDIS_URL="redis://redis:6379/0", LOOKUP_CACHE_TTL="0", REMOTE_DOMAIN_CACHE_TTL="0"
+            )[0]
+        )
+        self.assertIsNone(redis._tracker)
+
     def test_stop_drains(self) -> None:
         """
         Stopping waits for a busy connection (bounded by the grace period) and

@@ -45,16 +45,17 @@ class LookupCache(Protocol):
     """
     Where OK answers are kept.  C{get} fires with the reply or C{None}, or
     fails when the backend is unreachable (the caller counts that and treats
-    it as a miss); C{set} never fails.  C{peek} answers at once from what
-    this process holds (C{None} when it would have to ask elsewhere), so a
-    hot key costs no Deferred and no round trip.
+    it as a miss); C{set} never fails and keeps the entry for C{ttl}
+    seconds (C{None}: the cache's own lifetime).  C{peek} answers at once
+    from what this process holds (C{None} when it would have to ask
+    elsewhere), so a hot key costs no Deferred and no round trip.
     """
 
     def peek(self, mapname: str, key: str) -> bytes | None: ...
 
     def get(self, mapname: str, key: str) -> defer.Deferred[bytes | None]: ...
 
-    def set(self, mapname: str, key: str, reply: bytes) -> None: ...
+    def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None: ...
 
 
 class MemoryCache:
@@ -144,6 +145,11 @@ class RedisCache:
         self._redis = redis
         self._ttl = ttl
 
+    @property
+    def ttl(self) -> float:
+        """How long an entry is kept unless its writer says otherwise."""
+        return self._ttl
+
     def peek(self, mapname: str, key: str) -> bytes | None:
         """Nothing is held in this process: always ask Redis."""
         return None
@@ -190,29 +196,36 @@ class RedisCache:
             reply,
         ).addCallbacks(remaining, lambda failure: 0.0)
 
-    def _expiry(self) -> tuple[str, int]:
+    @staticmethod
+    def _expiry(ttl: float) -> tuple[str, int]:
         # go-redis sends EX for whole seconds and PX otherwise; so do we.
-        if self._ttl == int(self._ttl):
-            return ("EX", int(self._ttl))
-        return ("PX", max(1, int(self._ttl * 1000)))
+        if ttl == int(ttl):
+            return ("EX", int(ttl))
+        return ("PX", max(1, int(ttl * 1000)))
 
-    def setMany(self, items: list[tuple[str, str, bytes]]) -> None:
+    def setMany(self, items: list[tuple[str, str, bytes]], ttl: float | None = None) -> None:
         """
         Store several answers in one command (a script of C{SET}s with the
         same expiry as L{set}); a single answer is a plain C{SET}.  Never
         fails.
         """
         if len(items) == 1:
-            self.set(*items[0])
+            self.set(*items[0], ttl=ttl)
+            return
+        lifetime = self._ttl if ttl is None else ttl
+        if lifetime <= 0:
             return
         args = [cache_key(mapname, key) for mapname, key, _ in items]
         args += [reply.decode("utf-8") for _, _, reply in items]
-        d = self._redis.execute("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry())
+        d = self._redis.execute("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry(lifetime))
         d.addErrback(lambda failure: None)
 
-    def set(self, mapname: str, key: str, reply: bytes) -> None:
+    def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None:
+        lifetime = self._ttl if ttl is None else ttl
+        if lifetime <= 0:
+            return
         d = self._redis.execute(
-            "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry()
+            "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry(lifetime)
         )
         # A failed write only means the next lookup asks the API again.
         d.addErrback(lambda failure: None)
@@ -244,6 +257,9 @@ class NearCache:
     What goes to Redis is batched: the reads of one reactor turn are one
     C{MGET}, its writes one script call, so a burst of cache misses costs a
     few Redis commands instead of two per lookup.
+
+    @param ttl: the longest any copy is kept: the longest lifetime that
+        entries are written with.
     """
 
     def __init__(
@@ -258,7 +274,8 @@ class NearCache:
         self._clock = clock
         self._near = MemoryCache(clock, ttl, max_entries)
         self._reads: list[tuple[str, str, defer.Deferred[bytes | None]]] = []
-        self._writes: dict[tuple[str, str], bytes] = {}
+        # (map, key) -> (reply, lifetime); None: the backend's own.
+        self._writes: dict[tuple[str, str], tuple[bytes, float | None]] = {}
         self._flushCall: IDelayedCall | None = None
         self._gauge = metrics.near_cache_coherent if metrics is not None else None
         self._coherent = False
@@ -354,12 +371,12 @@ class NearCache:
         self._schedule()
         return waiter
 
-    def set(self, mapname: str, key: str, reply: bytes) -> None:
+    def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None:
         if self._coherent:
             # What Redis will hold a moment later; a change by anyone
             # after that is reported and drops it.
-            self._near.set(mapname, key, reply)
-        self._writes[mapname, key] = reply
+            self._near.set(mapname, key, reply, self._backend.ttl if ttl is None else ttl)
+        self._writes[mapname, key] = (reply, ttl)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -372,7 +389,13 @@ class NearCache:
         reads, self._reads = self._reads, []
         writes, self._writes = self._writes, {}
         if writes:
-            self._backend.setMany([(m, k, reply) for (m, k), reply in writes.items()])
+            # One command per lifetime: the lookup cache's, and the few
+            # entries written with another (see L{userli_postfix.remote}).
+            batches: dict[float | None, list[tuple[str, str, bytes]]] = {}
+            for (m, k), (reply, ttl) in writes.items():
+                batches.setdefault(ttl, []).append((m, k, reply))
+            for ttl, items in batches.items():
+                self._backend.setMany(items, ttl)
         if not reads:
             return
         asked = self._clock.seconds()

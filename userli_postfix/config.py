@@ -480,6 +480,13 @@ SETTINGS: tuple[Setting, ...] = (
         "LOOKUP_CACHE_TTL", "lookup-cache-ttl", "300s", "lifetime of cached OK answers (0: off)"
     ),
     Setting(
+        "REMOTE_DOMAIN_CACHE_TTL",
+        "remote-domain-cache-ttl",
+        "60s",
+        "how long a domain Userli does not host is remembered, so questions about its "
+        "addresses need no API call (0: off)",
+    ),
+    Setting(
         "QUOTA_CACHE_TTL",
         "quota-cache-ttl",
         "0",
@@ -576,6 +583,7 @@ class Config:
     rate_limit_identity: str = "sasl_or_sender"
     redis: RedisTarget | None = None
     lookup_cache_ttl: float = 300.0
+    remote_domain_cache_ttl: float = 60.0
     quota_cache_ttl: float = 0.0
     sasl_failure_delay: float = 2.0
     log_level: str = "info"
@@ -673,6 +681,9 @@ class Config:
             rate_limit_identity=identity,
             redis=redis,
             lookup_cache_ttl=_non_negative_duration("LOOKUP_CACHE_TTL", get("LOOKUP_CACHE_TTL")),
+            remote_domain_cache_ttl=_non_negative_duration(
+                "REMOTE_DOMAIN_CACHE_TTL", get("REMOTE_DOMAIN_CACHE_TTL")
+            ),
             quota_cache_ttl=_non_negative_duration("QUOTA_CACHE_TTL", get("QUOTA_CACHE_TTL")),
             sasl_failure_delay=_non_negative_duration(
                 "SASL_FAILURE_DELAY", get("SASL_FAILURE_DELAY")

@@ -3,7 +3,8 @@ The daemon as one service: L{build} makes the backends once and one
 listener per configured address; L{DaemonService} owns their lifecycle.
 
 Backends are chosen here and nowhere else: Redis or memory for the lookup
-cache and the rate-limit windows, depending on C{REDIS_URL}.
+cache, the remote-domain memory and the rate-limit windows, depending on
+C{REDIS_URL}.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from userli_postfix.metrics import Metrics
 from userli_postfix.policy import makePolicyFactory
 from userli_postfix.ratelimit import makeRateLimiter
 from userli_postfix.redis import RedisClient
+from userli_postfix.remote import MEMORY_ENTRIES, RemoteDomains
 from userli_postfix.sasl import makeSASLFactory
 from userli_postfix.socketmap import SocketmapFactory
 from userli_postfix.tlspolicy import makeTLSPolicy
@@ -234,21 +236,27 @@ def build(
     )
 
     redis = RedisClient(config.redis, reactor) if config.redis is not None else None
-    cache: LookupCache | None
-    if config.lookup_cache_ttl <= 0:
-        cache = None
-    elif redis is not None:
+    lookupTTL, remoteTTL = config.lookup_cache_ttl, config.remote_domain_cache_ttl
+    cache: LookupCache | None = None
+    remote: RemoteDomains | None = None
+    if redis is not None and max(lookupTTL, remoteTTL) > 0:
+        # One store for both, so that a lookup reads both in one command.
         near = NearCache(
-            RedisCache(redis, config.lookup_cache_ttl),
+            RedisCache(redis, lookupTTL),
             reactor,
-            config.lookup_cache_ttl,
+            max(lookupTTL, remoteTTL),
             metrics=metrics,
         )
         # Redis tells the near-cache of every change to a cached answer.
         redis.track(CACHE_PREFIX, near)
-        cache = near
-    else:
-        cache = MemoryCache(reactor, config.lookup_cache_ttl)
+        cache = near if lookupTTL > 0 else None
+        remote = RemoteDomains(near, remoteTTL, complete=False) if remoteTTL > 0 else None
+    elif redis is None:
+        cache = MemoryCache(reactor, lookupTTL) if lookupTTL > 0 else None
+        if remoteTTL > 0:
+            remote = RemoteDomains(
+                MemoryCache(reactor, remoteTTL, MEMORY_ENTRIES), remoteTTL, complete=True
+            )
     log.info(
         "userli-postfix {version} using the Userli API at {url}",
         version=__version__,
@@ -256,8 +264,8 @@ def build(
     )
     if redis is None:
         log.info(
-            "REDIS_URL is not set: the lookup cache and the rate-limit windows are "
-            "kept in memory and are lost on restart"
+            "REDIS_URL is not set: the lookup cache, the remote-domain memory and the "
+            "rate-limit windows are kept in memory and are lost on restart"
         )
 
     tlsPolicy = makeTLSPolicy(config, reactor, redis, metrics)
@@ -267,6 +275,7 @@ def build(
         metrics,
         reactor,
         config.recipient_delimiter,
+        remote,
         others={"tls_policy": tlsPolicy.answer},
     )
     daemon = DaemonService(reactor, observer, pool, redis, inherited, workers=config.workers)
@@ -277,7 +286,7 @@ def build(
     daemon.addListener(
         "policy",
         config.policy_listen,
-        makePolicyFactory(config, reactor, client, metrics, limiter),
+        makePolicyFactory(config, reactor, client, metrics, limiter, remote),
     )
     if config.sasl_listen is not None:
         daemon.addListener(

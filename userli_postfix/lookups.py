@@ -4,7 +4,9 @@ Answers to socketmap requests: a (map, key) in, a reply text out.
 The decision lives here, apart from the netstring framing: which maps
 exist, how keys are normalised, when the cache is asked, and how API
 answers become ``OK``/``NOTFOUND``/``TEMP``/``PERM``.  Identical lookups in
-flight at the same moment share one API call.
+flight at the same moment share one API call.  A key in a domain Userli
+said it does not host is ``NOTFOUND`` without a call (see
+L{userli_postfix.remote}).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.python.failure import Failure
 from userli_postfix.addresses import normalise_address, normalise_domain
 from userli_postfix.cache import LookupCache
 from userli_postfix.metrics import Metrics
+from userli_postfix.remote import RemoteDomains, domain_of
 from userli_postfix.userli import CircuitOpen, UserliClient
 
 log = Logger()
@@ -43,6 +46,8 @@ class Lookups:
     Answers socketmap lookups from the cache and the Userli API.
 
     @param cache: where OK answers are kept, or C{None} to cache nothing.
+    @param remote: the domains Userli does not host, or C{None} to ask
+        Userli every time.
     @param others: maps answered elsewhere (C{tls_policy}), by name: each
         takes the decoded key and keeps its own cache; only the request
         metrics are counted here.
@@ -55,29 +60,42 @@ class Lookups:
         metrics: Metrics,
         clock: IReactorTime,
         delimiter: str = "",
+        remote: RemoteDomains | None = None,
         others: Mapping[str, Callable[[str], defer.Deferred[bytes] | bytes]] | None = None,
     ) -> None:
         self._client = client
         self._others = dict(others or {})
         self._cache = cache
+        self._remote = remote
         self._metrics = metrics
         self._clock = clock
         self._delimiter = delimiter
         self._inflight: dict[tuple[str, str], list[defer.Deferred[bytes]]] = {}
         self._series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
         self._cacheSeries: dict[tuple[str, str], Callable[[], None]] = {}
+        self._remoteSeries: dict[str, Callable[[], None]] = {}
         # map name -> (key normaliser, API call, reply formatter)
         self._maps: dict[
             str, tuple[Callable[[str], str | None], Callable[[str], Any], Callable[[Any], bytes]]
         ] = {
             "alias": (self._address, client.alias, _ok_list),
-            "domain": (normalise_domain, client.domain, _ok_flag),
+            "domain": (normalise_domain, self._domain if remote else client.domain, _ok_flag),
             "mailbox": (self._address, client.mailbox, _ok_flag),
             "senders": (self._address, client.senders, _ok_list),
         }
 
     def _address(self, key: str) -> str | None:
         return normalise_address(key, self._delimiter)
+
+    def _domain(self, name: str) -> defer.Deferred[bool]:
+        """Ask Userli about a domain, and remember it when it is not Userli's."""
+        return self._client.domain(name).addCallback(self._learn, name)
+
+    def _learn(self, hosted: bool, name: str) -> bool:
+        # Only a real answer gets here: a failure skips this callback.
+        if not hosted and self._remote is not None:
+            self._remote.remember(name)
+        return hosted
 
     def answer(self, request: bytes) -> defer.Deferred[bytes] | bytes:
         """
@@ -112,14 +130,61 @@ class Lookups:
             if reply is not None:
                 self._cacheResult(mapname, "hit")
                 return self._done(mapname, started, reply)
+        # After the held OK answers, so that a hot key of a hosted domain
+        # costs nothing more; before any Redis read or API call.  The domain
+        # as Postfix sent it: when that is a remembered one, so is the
+        # normalised key's (or the key is none: NOTFOUND either way).
+        remote = self._remote
+        if remote is not None and remote.held(domain_of(mapname, key)):
+            return self._remembered(mapname, started)
         normalise, call, render = entry
         normalised = normalise(key)
         if normalised is None:
             return self._done(mapname, started, NOTFOUND)
+        if remote is not None:
+            domain = domain_of(mapname, normalised)
+            known = remote.known(domain)
+            if known:
+                return self._remembered(mapname, started)
+            if known is None:
+                # Both reads in this turn: one Redis command.
+                pending = None if cache is None else cache.get(mapname, key)
+
+                def decide(remembered: bool) -> defer.Deferred[bytes] | bytes:
+                    if remembered:
+                        if pending is not None:
+                            pending.addErrback(lambda failure: None)
+                        return self._remembered(mapname, started)
+                    return self._lookup(mapname, key, normalised, call, render, started, pending)
+
+                return remote.remembered(domain).addCallback(decide)
+        return self._lookup(mapname, key, normalised, call, render, started)
+
+    def _remembered(self, mapname: str, started: float) -> bytes:
+        inc = self._remoteSeries.get(mapname)
+        if inc is None:
+            inc = self._remoteSeries[mapname] = self._metrics.remote_domain_answers.labels(
+                mapname
+            ).inc
+        inc()
+        return self._done(mapname, started, NOTFOUND)
+
+    def _lookup(
+        self,
+        mapname: str,
+        key: str,
+        normalised: str,
+        call: Callable[[str], Any],
+        render: Callable[[Any], bytes],
+        started: float,
+        pending: defer.Deferred[bytes | None] | None = None,
+    ) -> defer.Deferred[bytes] | bytes:
+        """The cached answer (C{pending}: its read, already sent), else Userli's."""
+        cache = self._cache
         if cache is None:
             return self._fetch(mapname, key, normalised, call, render, started)
 
-        d = cache.get(mapname, key)
+        d = cache.get(mapname, key) if pending is None else pending
 
         def cached(reply: bytes | None) -> defer.Deferred[bytes] | bytes:
             if reply is not None:

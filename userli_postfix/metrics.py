@@ -87,6 +87,14 @@ class Metrics:
             registry=r,
         )
 
+        self.remote_domain_answers = Counter(
+            f"{PREFIX}_remote_domain_answers",
+            "Answers settled without a Userli call because Userli had said it does not "
+            "host the key's domain (REMOTE_DOMAIN_CACHE_TTL), by map (policy: quota checks).",
+            ["handler"],
+            registry=r,
+        )
+
         self.near_cache_coherent = Gauge(
             f"{PREFIX}_near_cache_coherent",
             "1 while Redis reports every change to the lookup cache, so the "

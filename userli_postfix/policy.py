@@ -28,6 +28,7 @@ from userli_postfix.config import Config
 from userli_postfix.listeners import MAX_CONNECTIONS, LimitedFactory, ServingMixin
 from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import RateLimiter, Verdict
+from userli_postfix.remote import RemoteDomains
 from userli_postfix.userli import CircuitOpen, Quota, UserliClient
 
 log = Logger()
@@ -204,6 +205,9 @@ class QuotaPolicy:
 
     L{decide} returns the action (without ``action=``), or a Deferred of it
     that never fails.
+
+    @param remote: the domains Userli does not host: a sender in one of
+        them has no quota there, which needs no API call to know.
     """
 
     def __init__(
@@ -217,8 +221,11 @@ class QuotaPolicy:
         cache_ttl: float = 0.0,
         action: str = "REJECT",
         identity: str = "sasl_or_sender",
+        remote: RemoteDomains | None = None,
     ) -> None:
         self._quotas = QuotaSource(client, clock, cache_ttl)
+        self._remote = remote
+        self._remoteAnswers = metrics.remote_domain_answers.labels("policy")
         self._limiter = limiter
         self._clock = clock
         self._delimiter = delimiter
@@ -260,6 +267,27 @@ class QuotaPolicy:
         quota = self._quotas.peek(identity)
         if quota is not None:
             return self._limit(quota, identity, started)
+        remote = self._remote
+        if remote is not None:
+            domain = identity.rpartition("@")[2]
+            known = remote.known(domain)
+            if known:
+                return self._remembered(started)
+            if known is None:
+                d = remote.remembered(domain).addCallback(
+                    lambda remembered: (
+                        self._remembered(started) if remembered else self._fetch(identity, started)
+                    )
+                )
+                return d.addErrback(self._bug, started)
+        return self._fetch(identity, started)
+
+    def _remembered(self, started: float) -> str:
+        # What a sender Userli does not know gets (no quota), without asking.
+        self._remoteAnswers.inc()
+        return self._done("check", "dunno", started, DUNNO)
+
+    def _fetch(self, identity: str, started: float) -> defer.Deferred[str]:
         d = self._quotas.fetch(identity).addCallbacks(
             self._limit,
             self._noQuota,
@@ -446,6 +474,7 @@ def makePolicyFactory(
     client: UserliClient,
     metrics: Metrics,
     limiter: RateLimiter,
+    remote: RemoteDomains | None = None,
 ) -> PolicyFactory:
     """The policy listener's factory, as configured."""
     policy = QuotaPolicy(
@@ -458,5 +487,6 @@ def makePolicyFactory(
         cache_ttl=config.quota_cache_ttl,
         action=config.rate_limit_action,
         identity=config.rate_limit_identity,
+        remote=remote,
     )
     return PolicyFactory(clock, policy, metrics)

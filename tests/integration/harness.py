@@ -267,7 +267,8 @@ def wait_for_redis(redis: RedisServer, daemon: Daemon, after: int = 0) -> None:
     """
     Wait until C{daemon} (all its processes) will use C{redis} for the next
     request: every process has its pool of Redis connections up, and its
-    near-cache tracking on unless the lookup cache is off.
+    near-cache tracking on unless the lookup cache and the remote-domain
+    memory are both off.
 
     Redis lists a connection as soon as it accepts it, but the daemon uses
     it only once the answer to its C{SELECT} has come back, so: wait for
@@ -282,7 +283,8 @@ def wait_for_redis(redis: RedisServer, daemon: Daemon, after: int = 0) -> None:
     from userli_postfix.redis import POOL_SIZE
 
     config = Config.from_sources({k: v for k, v in daemon.env.items() if v is not None})
-    if config.lookup_cache_ttl > 0 and daemon.metrics is not None:
+    tracked = max(config.lookup_cache_ttl, config.remote_domain_cache_ttl) > 0
+    if tracked and daemon.metrics is not None:
         wait_for(
             lambda: _gauge(daemon, "near_cache_coherent") == 1.0,
             "the daemon's near-cache to track Redis",

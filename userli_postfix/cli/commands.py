@@ -35,6 +35,7 @@ from userli_postfix.ratelimit import (
     window_key,
 )
 from userli_postfix.redis import CONNECT_TIMEOUT, POOL_SIZE, RedisClient
+from userli_postfix.remote import REMOTE_MAP, domain_of
 from userli_postfix.userli import Quota, UserliClient, UserliError
 
 log = Logger()
@@ -141,40 +142,61 @@ class Tools:
         return normalise_address(key, self.config.recipient_delimiter)
 
     @defer.inlineCallbacks
+    def _entry(self, name: str) -> Generator[Any, Any, dict[str, Any] | str]:
+        """
+        What Redis holds under C{name} and for how long, or why that is
+        unknown.
+        """
+        try:
+            redis = yield self.redis()
+            value = yield redis.execute("GET", name)
+            ttl_ms = yield redis.execute("PTTL", name)
+        except Exception as error:
+            return f"Redis not reachable ({error}): the daemon would ask Userli"
+        reply = None if value is None else text(value)
+        ttl = None if int(ttl_ms) == -1 else max(int(ttl_ms), 0) / 1000.0
+        return {"key": name, "reply": reply, "ttl": ttl if reply is not None else None}
+
+    @defer.inlineCallbacks
     def lookup(self, mapname: str, key: str) -> Generator[Any, Any, Report]:
-        """What Postfix would get for (map, key): the cached answer, else Userli's."""
-        data: dict[str, Any] = {
-            "map": mapname,
-            "key": key,
-            "normalised": self.normalise(mapname, key),
-        }
+        """
+        What Postfix would get for (map, key), as the daemon decides it: from
+        the remote-domain memory, else the cached answer, else Userli's.
+        """
+        normalised = self.normalise(mapname, key)
+        data: dict[str, Any] = {"map": mapname, "key": key, "normalised": normalised}
+        remote: dict[str, Any] | str | None = None
+        if normalised is not None:
+            domain = domain_of(mapname, normalised)
+            if self.config.remote_domain_cache_ttl <= 0:
+                remote = "off (REMOTE_DOMAIN_CACHE_TTL=0)"
+            elif self.config.redis is None:
+                remote = "in the daemon's memory (no REDIS_URL), not visible here"
+            else:
+                remote = yield self._entry(cache_key(REMOTE_MAP, domain))
+                if isinstance(remote, dict):
+                    remote["domain"] = domain
         cached: dict[str, Any] | str
         if self.config.lookup_cache_ttl <= 0:
             cached = "off (LOOKUP_CACHE_TTL=0)"
         elif self.config.redis is None:
             cached = "in the daemon's memory (no REDIS_URL), not visible here"
         else:
-            name = cache_key(mapname, key)
-            try:
-                redis = yield self.redis()
-                value = yield redis.execute("GET", name)
-                ttl_ms = yield redis.execute("PTTL", name)
-                reply = None if value is None else text(value)
-                ttl = None if int(ttl_ms) == -1 else max(int(ttl_ms), 0) / 1000.0
-                cached = {"key": name, "reply": reply, "ttl": ttl if reply is not None else None}
-            except Exception as error:
-                cached = f"Redis not reachable ({error}): the daemon would ask Userli"
+            cached = yield self._entry(cache_key(mapname, key))
         lookups = Lookups(
             self.client, None, self.metrics, self.clock, self.config.recipient_delimiter
         )
         answer = yield defer.maybeDeferred(lookups.answer, f"{mapname} {key}".encode())
         now = text(answer).strip()
+        data["remote"] = remote
         data["cached"] = cached
         data["userli"] = now
-        if isinstance(cached, dict) and cached["reply"] is not None:
-            data["reply"] = cached["reply"]
+        if isinstance(remote, dict) and remote["reply"] is not None:
+            data["reply"], data["source"] = "NOTFOUND", "remote-domain memory"
+        elif isinstance(cached, dict) and cached["reply"] is not None:
+            data["reply"], data["source"] = cached["reply"], "cache"
         else:
-            data["reply"] = now
+            data["reply"], data["source"] = now, "Userli"
         return Report("lookup", OK if data["reply"].startswith("OK") else NOT_OK, data)
 
     # quota ------------------------------------------------------------
@@ -260,7 +282,8 @@ class Tools:
     def cacheDrop(self, mapname: str, key: str) -> Generator[Any, Any, Report]:
         """
         Drop the cached answer of (map, key), and of its normalised form
-        (what Postfix sends for most keys), so the next lookup asks Userli.
+        (what Postfix sends for most keys), so the next lookup asks Userli;
+        for a domain, also forget that Userli did not host it.
         """
         command = "cache drop"
         missing = self.needsRedis(command)
@@ -274,6 +297,8 @@ class Tools:
             keys = [cache_key(mapname, key)]
             if normalised is not None and normalised != key:
                 keys.append(cache_key(mapname, normalised))
+            if mapname == "domain" and normalised is not None:
+                keys.append(cache_key(REMOTE_MAP, normalised))
         redis = yield self.redis()
         removed = []
         for name in keys:
@@ -288,35 +313,41 @@ class Tools:
     @defer.inlineCallbacks
     def cacheFlush(self, mapname: str | None) -> Generator[Any, Any, Report]:
         """
-        Drop every cached answer (of one map): C{SCAN} by pattern and
-        C{UNLINK} what it finds, a batch at a time, so Redis never blocks
-        on one huge command (no C{KEYS}).
+        Drop every cached answer (of one map; for C{domain}, the
+        remote-domain memory too): C{SCAN} by pattern and C{UNLINK} what it
+        finds, a batch at a time, so Redis never blocks on one huge command
+        (no C{KEYS}).
         """
         command = "cache flush"
         missing = self.needsRedis(command)
         if missing is not None:
             return missing
         if mapname == "tls_policy":
-            pattern = tlspolicy.cache_key("*")
+            patterns = [tlspolicy.cache_key("*")]
         else:
-            pattern = cache_key(mapname, "*") if mapname else LOOKUP_PREFIX + "*"
+            patterns = [cache_key(mapname, "*") if mapname else LOOKUP_PREFIX + "*"]
+        if mapname == "domain":
+            patterns.append(cache_key(REMOTE_MAP, "*"))
         redis = yield self.redis()
-        cursor = "0"
         removed = 0
-        while True:
-            reply = yield redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
-            cursor, names = text(reply[0]), reply[1]
-            if names:
-                removed += int((yield self._unlink(redis, names)))
-            if cursor == "0":
-                break
+        for pattern in patterns:
+            cursor = "0"
+            while True:
+                reply = yield redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
+                cursor, names = text(reply[0]), reply[1]
+                if names:
+                    removed += int((yield self._unlink(redis, names)))
+                if cursor == "0":
+                    break
         log.info(
-            "{removed} cached answers matching {pattern} dropped by {user}",
+            "{removed} cached answers matching {patterns} dropped by {user}",
             removed=removed,
-            pattern=pattern,
+            patterns=" and ".join(patterns),
             user=_user(),
         )
-        return Report(command, OK, {"pattern": pattern, "removed": removed})
+        return Report(
+            command, OK, {"pattern": patterns[0], "patterns": patterns, "removed": removed}
+        )
 
     # tls-policy -------------------------------------------------------
 

@@ -64,8 +64,10 @@ class LookupOptions(_Command):
     synopsis = "[--json] MAP KEY"
     longdesc = (
         "The reply Postfix would get for KEY in MAP (alias, domain, mailbox, senders): "
-        "the normalised key, the answer cached in Redis and for how long, and what "
-        "Userli answers now. Exit status 0 for OK, 1 otherwise."
+        "the normalised key, whether its domain is remembered as not Userli's (then "
+        "the answer is NOTFOUND without asking Userli), the answer cached in Redis "
+        "and for how long, and what Userli answers now. Exit status 0 for OK, 1 "
+        "otherwise."
     )
 
     def parseArgs(self, mapname: str, key: str) -> None:  # type: ignore[override]
@@ -108,8 +110,9 @@ class CacheDropOptions(_Command):
     synopsis = "[--json] MAP KEY"
     longdesc = (
         "Remove the cached answer of KEY (as given and normalised) in MAP, so the "
-        "next lookup asks Userli (for tls_policy: the next lookup probes the domain "
-        "again). Exit status 1 when nothing was cached."
+        "next lookup asks Userli; for the domain map, also forget that Userli does "
+        "not host it; for tls_policy, the next lookup probes the domain again. "
+        "Exit status 1 when nothing was cached."
     )
 
     def parseArgs(self, mapname: str, key: str) -> None:  # type: ignore[override]
@@ -123,7 +126,10 @@ class CacheDropOptions(_Command):
 class CacheFlushOptions(_Command):
     name = "cache flush"
     synopsis = "[--json] [MAP]"
-    longdesc = "Remove every cached answer, or those of MAP only (SCAN and UNLINK, never KEYS)."
+    longdesc = (
+        "Remove every cached answer, or those of MAP only (SCAN and UNLINK, never KEYS); "
+        "both, and flush domain, also forget every domain remembered as not Userli's."
+    )
 
     def parseArgs(self, mapname: str | None = None) -> None:
         self.mapname = None if mapname is None else _map(mapname, CACHE_MAPS)

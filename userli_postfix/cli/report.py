@@ -108,6 +108,19 @@ def _lookup(data: dict[str, Any]) -> list[str]:
     lines.append(
         f"  normalised key: {normalised if normalised is not None else '(not a valid key)'}"
     )
+    remote = data.get("remote")
+    if isinstance(remote, str):
+        lines.append(f"  remote-domain memory: {remote}")
+    elif remote is not None:
+        if remote["reply"] is None:
+            lines.append(f"  remote-domain memory: nothing under {remote['key']}")
+        else:
+            ttl = remote["ttl"]
+            left = "no expiry" if ttl is None else f"for {duration(ttl)} more"
+            lines.append(
+                f"  remote-domain memory: {remote['domain']} is not a Userli domain, "
+                f"under {remote['key']}, {left}"
+            )
     cached = data["cached"]
     if isinstance(cached, str):
         lines.append(f"  cache: {cached}")
@@ -118,7 +131,9 @@ def _lookup(data: dict[str, Any]) -> list[str]:
         left = "no expiry" if ttl is None else f"for {duration(ttl)} more"
         lines.append(f"  cache: {cached['reply']!r} under {cached['key']}, {left}")
     lines.append(f"  Userli now: {data['userli']}")
-    lines.append(f"  Postfix gets: {data['reply']}")
+    source = data.get("source")
+    origin = f" (from the {source})" if source == "remote-domain memory" else ""
+    lines.append(f"  Postfix gets: {data['reply']}{origin}")
     return lines
 
 
@@ -169,7 +184,8 @@ def _cache_drop(data: dict[str, Any]) -> list[str]:
 
 
 def _cache_flush(data: dict[str, Any]) -> list[str]:
-    return [f"Dropped {data['removed']} cached answer(s) matching {data['pattern']}"]
+    patterns = " and ".join(data.get("patterns") or [data["pattern"]])
+    return [f"Dropped {data['removed']} cached answer(s) matching {patterns}"]
 
 
 def _yes(flag: bool) -> str:
