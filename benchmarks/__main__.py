@@ -7,6 +7,9 @@ prints a table.
     benchmarks/run            # the full run (about 12 minutes)
     benchmarks/run --quick    # a smoke run (about 2 minutes)
     benchmarks/run --soak 600 # memory over a 10-minute mixed load
+    benchmarks/run --postfix [--yardstick DIR]
+                              # mail through a real Postfix (as root), see
+                              # benchmarks/postfix.py
 
 Everything listens on 127.0.0.1 only.  The load generator (loadgen.c) runs
 each connection like a Postfix process: one request, wait for the reply,
@@ -280,12 +283,19 @@ class Bench:
 
     # Targets: each is a context that yields (addresses by protocol, pids)
 
-    def daemon(self, workers: int) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    def daemon(
+        self, workers: int, root: Path = ROOT, env: dict[str, str] | None = None
+    ) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """
+        The daemon of the checkout at C{root} (this one, or a yardstick's),
+        with C{env} added to its settings.
+        """
         ports = {name: free_port() for name in ("socketmap", "policy", "sasl", "metrics")}
+        extra = env or {}
         env = dict(os.environ)
         env.update(
             {
-                "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
+                "PYTHONPATH": os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(
                     os.pathsep
                 ),
                 "USERLI_TOKEN": TOKEN,
@@ -296,9 +306,11 @@ class Bench:
                 "SASL_LISTEN_ADDR": f"127.0.0.1:{ports['sasl']}",
                 "METRICS_LISTEN_ADDR": f"127.0.0.1:{ports['metrics']}",
                 "WORKERS": str(workers),
+                **extra,
             }
         )
-        name = f"daemon-{workers}"
+        self.run_counter += 1
+        name = f"daemon-{workers}-{self.run_counter}"
         log = self.work / f"{name}.log"
         process = self.processes.start(
             name,
@@ -462,6 +474,10 @@ class Bench:
         try:
             if "daemon" in targets:
                 self.run_target("daemon", self.daemon(1), names, connections)
+            if args.yardstick is not None:
+                self.run_target(
+                    "yardstick", self.daemon(1, root=args.yardstick), names, connections
+                )
             if "workers" in targets and args.workers > 1:
                 self.run_target(
                     f"daemon x{args.workers}", self.daemon(args.workers), names, connections
@@ -491,6 +507,31 @@ class Bench:
             json.dumps([asdict(r) for r in self.results], indent=1)
         )
         print(f"\nwritten to {RESULTS / f'RESULTS-{stamp}.md'}")
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def postfix(self, yardstick: Path | None, messages: int) -> None:
+        """The end-to-end scenario through a real Postfix (see L{benchmarks.postfix})."""
+        from benchmarks import postfix
+
+        targets = [("daemon", ROOT)]
+        if yardstick is not None:
+            targets.append(("yardstick", yardstick))
+        print(postfix.HEADER, flush=True)
+        self.start_backends()
+        try:
+            phases = postfix.PostfixScenario(self, messages).run(targets)
+        finally:
+            self.processes.stopAll()
+        report = postfix.render(phases, self.args.latency)
+        print()
+        print(report)
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (RESULTS / f"POSTFIX-{stamp}.md").write_text(report)
+        (RESULTS / f"POSTFIX-{stamp}.json").write_text(
+            json.dumps([asdict(p) for p in phases], indent=1)
+        )
+        print(f"\nwritten to {RESULTS / f'POSTFIX-{stamp}.md'}")
         shutil.rmtree(self.work, ignore_errors=True)
 
     def soak(self, seconds: int) -> None:
@@ -651,6 +692,19 @@ def main() -> None:
     )
     parser.add_argument("--no-podop", action="store_true", help="leave the podop peer out")
     parser.add_argument("--soak", type=int, metavar="SECONDS", help="memory soak instead")
+    parser.add_argument(
+        "--postfix", action="store_true", help="mail through a real Postfix instead (as root)"
+    )
+    parser.add_argument(
+        "--messages", type=int, default=200, help="messages per mix measured by --postfix"
+    )
+    parser.add_argument(
+        "--yardstick",
+        type=Path,
+        metavar="DIR",
+        help="also run the daemon of this checkout (e.g. a git worktree of an older commit) "
+        "as 'yardstick' (one process), in the same session, for a fair comparison",
+    )
     args = parser.parse_args()
     defaults = (3.0, 1.0, "10,50") if args.quick else (10.0, 2.0, "1,10,50,200")
     for name, default in zip(("duration", "warmup", "connections"), defaults, strict=True):
@@ -663,6 +717,8 @@ def main() -> None:
     try:
         if args.soak:
             bench.soak(args.soak)
+        elif args.postfix:
+            bench.postfix(args.yardstick, args.messages)
         else:
             bench.run()
     except KeyboardInterrupt:
