@@ -207,15 +207,11 @@ class RedisCache:
             return
         args = [cache_key(mapname, key) for mapname, key, _ in items]
         args += [reply.decode("utf-8") for _, _, reply in items]
-        d = self._redis.execute("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry())
-        d.addErrback(lambda failure: None)
+        self._redis.send("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry())
 
     def set(self, mapname: str, key: str, reply: bytes) -> None:
-        d = self._redis.execute(
-            "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry()
-        )
         # A failed write only means the next lookup asks the API again.
-        d.addErrback(lambda failure: None)
+        self._redis.send("SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry())
 
 
 class NearCache:
