@@ -250,8 +250,7 @@ class UserliClient:
         deadline = self._timeout if timeout is None else timeout
         status_label = ["error"]
 
-        def decode(answer: tuple[int, bytes]) -> T:
-            code, data = answer
+        def decode(data: bytes, code: int) -> T:
             try:
                 value = json.loads(data)
             except ValueError:
@@ -260,7 +259,7 @@ class UserliClient:
 
         def gotResponse(response: IResponse) -> defer.Deferred[T]:
             status_label[0] = str(response.code)
-            return _readBody(response).addCallback(lambda data: decode((response.code, data)))
+            return _readBody(response).addCallback(decode, response.code)
 
         def observe(result: T | Failure) -> T | Failure:
             code = status_label[0]
