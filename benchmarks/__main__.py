@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.compare import alternate, change
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BUILD = HERE / "build"
@@ -159,6 +161,14 @@ class Processes:
     def stopAll(self) -> None:
         for process in list(self.started):
             self.stop(process, timeout=5.0)
+
+
+def compared(targets: set[str], args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The daemon (one process) and the yardstick's, if any, in C{--rounds} rounds."""
+    pairs = [("daemon", ROOT)] if "daemon" in targets else []
+    if args.yardstick is not None:
+        pairs.append(("yardstick", args.yardstick))
+    return alternate(pairs, args.rounds)
 
 
 def free_port() -> int:
@@ -472,12 +482,8 @@ class Bench:
         if args.no_podop:
             targets.discard("podop")
         try:
-            if "daemon" in targets:
-                self.run_target("daemon", self.daemon(1), names, connections)
-            if args.yardstick is not None:
-                self.run_target(
-                    "yardstick", self.daemon(1, root=args.yardstick), names, connections
-                )
+            for target, root in compared(targets, args):
+                self.run_target(target, self.daemon(1, root=root), names, connections)
             if "workers" in targets and args.workers > 1:
                 self.run_target(
                     f"daemon x{args.workers}", self.daemon(args.workers), names, connections
@@ -509,17 +515,14 @@ class Bench:
         print(f"\nwritten to {RESULTS / f'RESULTS-{stamp}.md'}")
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def postfix(self, yardstick: Path | None, messages: int) -> None:
+    def postfix(self, messages: int) -> None:
         """The end-to-end scenario through a real Postfix (see L{benchmarks.postfix})."""
         from benchmarks import postfix
 
-        targets = [("daemon", ROOT)]
-        if yardstick is not None:
-            targets.append(("yardstick", yardstick))
         print(postfix.HEADER, flush=True)
         self.start_backends()
         try:
-            phases = postfix.PostfixScenario(self, messages).run(targets)
+            phases = postfix.PostfixScenario(self, messages).run(compared({"daemon"}, self.args))
         finally:
             self.processes.stopAll()
         report = postfix.render(phases, self.args.latency)
@@ -606,6 +609,17 @@ def format_row(r: Result) -> str:
     )
 
 
+def series(
+    results: list[Result], target: str, scenario: str, conns: int, attribute: str
+) -> list[float]:
+    """One figure of every run of C{target} in C{scenario} at C{conns} connections."""
+    return [
+        getattr(r, attribute)
+        for r in results
+        if (r.target, r.scenario, r.conns) == (target, scenario, conns) and getattr(r, attribute)
+    ]
+
+
 def render(results: list[Result], args: argparse.Namespace) -> str:
     """The Markdown report: the table, the ratios, the generator's ceiling."""
     titles = {s.name: s.title for s in scenarios().values()}
@@ -643,6 +657,26 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
             "|---|---|---|---|---|",
             *ratios,
         ]
+    pairs = sorted({(r.scenario, r.conns) for r in results if r.target == "yardstick"})
+    if pairs:
+        lines += [
+            "",
+            f"Against the yardstick (another checkout's daemon, same session, "
+            f"{args.rounds} round(s) in alternating order; medians):",
+            "",
+        ]
+        for name, conns in pairs:
+            ours = series(results, "daemon", name, conns, "cpu_per_1000")
+            theirs = series(results, "yardstick", name, conns, "cpu_per_1000")
+            if ours and theirs:
+                rates = (
+                    series(results, "daemon", name, conns, "rps"),
+                    series(results, "yardstick", name, conns, "rps"),
+                )
+                lines.append(
+                    f"- {name}, {conns} connections: CPU per request {change(ours, theirs)}, "
+                    f"req/s {change(*rates)}"
+                )
     ceiling = [r for r in results if r.target == "trivial responder"]
     if ceiling:
         lines += ["", "Load generator ceiling (against the trivial responder):", ""]
@@ -705,6 +739,13 @@ def main() -> None:
         help="also run the daemon of this checkout (e.g. a git worktree of an older commit) "
         "as 'yardstick' (one process), in the same session, for a fair comparison",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --yardstick: run the daemon and the yardstick this many times each, "
+        "in alternating order, and compare the medians",
+    )
     args = parser.parse_args()
     defaults = (3.0, 1.0, "10,50") if args.quick else (10.0, 2.0, "1,10,50,200")
     for name, default in zip(("duration", "warmup", "connections"), defaults, strict=True):
@@ -718,7 +759,7 @@ def main() -> None:
         if args.soak:
             bench.soak(args.soak)
         elif args.postfix:
-            bench.postfix(args.yardstick, args.messages)
+            bench.postfix(args.messages)
         else:
             bench.run()
     except KeyboardInterrupt:

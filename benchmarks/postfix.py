@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.compare import change
 from tests.integration.postfix import (
     LMTPSink,
     PostfixInstance,
@@ -233,6 +234,15 @@ def format_phase(p: Phase) -> str:
     )
 
 
+def cpu_per_message(phases: list[Phase], target: str, traffic: str) -> list[float]:
+    """The daemon's CPU seconds per message in every run of C{target} with C{traffic}."""
+    return [
+        p.cpu_s / p.messages
+        for p in phases
+        if (p.target, p.traffic) == (target, traffic) and p.cpu_s
+    ]
+
+
 def render(phases: list[Phase], latency: float) -> str:
     """The Markdown report: the table, the Go program's calls, the CPU ratios."""
     lines = [
@@ -249,14 +259,14 @@ def render(phases: list[Phase], latency: float) -> str:
         lines.append(
             f"| Go program | {traffic} | 40 | - | {total:.2f} | {by_endpoint(calls)} | - |"
         )
-    by_key = {(p.target, p.traffic): p for p in phases}
     ratios = []
-    for p in phases:
-        base = by_key.get(("yardstick", p.traffic))
-        if p.target != "yardstick" and base is not None and base.cpu_s:
-            change = (p.cpu_s / p.messages) / (base.cpu_s / base.messages) - 1
+    for traffic in GO_CALLS:
+        ours = cpu_per_message(phases, "daemon", traffic)
+        theirs = cpu_per_message(phases, "yardstick", traffic)
+        if ours and theirs:
             ratios.append(
-                f"- {p.traffic}: daemon CPU per message {change * 100:+.0f}% against the yardstick"
+                f"- {traffic}: daemon CPU per message {change(ours, theirs)} against the "
+                f"yardstick (medians of {len(ours)} run(s) each)"
             )
     if ratios:
         lines += ["", *ratios]
