@@ -119,7 +119,9 @@ class _BodyReader(Protocol):
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if self.finished.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: the same test without spelling out
+        # the qualified name of every class in the exception's ancestry.
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self.finished.callback(b"".join(self.parts))
         else:
             self.finished.errback(UserliError(f"response body lost: {reason.value}"))
