@@ -7,6 +7,9 @@ prints a table.
     benchmarks/run            # the full run (about 12 minutes)
     benchmarks/run --quick    # a smoke run (about 2 minutes)
     benchmarks/run --soak 600 # memory over a 10-minute mixed load
+    benchmarks/run --postfix [--yardstick DIR]
+                              # mail through a real Postfix (as root), see
+                              # benchmarks/postfix.py
 
 Everything listens on 127.0.0.1 only.  The load generator (loadgen.c) runs
 each connection like a Postfix process: one request, wait for the reply,
@@ -36,6 +39,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.compare import alternate, change
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -156,6 +161,14 @@ class Processes:
     def stopAll(self) -> None:
         for process in list(self.started):
             self.stop(process, timeout=5.0)
+
+
+def compared(targets: set[str], args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The daemon (one process) and the yardstick's, if any, in C{--rounds} rounds."""
+    pairs = [("daemon", ROOT)] if "daemon" in targets else []
+    if args.yardstick is not None:
+        pairs.append(("yardstick", args.yardstick))
+    return alternate(pairs, args.rounds)
 
 
 def free_port() -> int:
@@ -280,12 +293,19 @@ class Bench:
 
     # Targets: each is a context that yields (addresses by protocol, pids)
 
-    def daemon(self, workers: int) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    def daemon(
+        self, workers: int, root: Path = ROOT, env: dict[str, str] | None = None
+    ) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """
+        The daemon of the checkout at C{root} (this one, or a yardstick's),
+        with C{env} added to its settings.
+        """
         ports = {name: free_port() for name in ("socketmap", "policy", "sasl", "metrics")}
+        extra = env or {}
         env = dict(os.environ)
         env.update(
             {
-                "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
+                "PYTHONPATH": os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(
                     os.pathsep
                 ),
                 "USERLI_TOKEN": TOKEN,
@@ -296,9 +316,11 @@ class Bench:
                 "SASL_LISTEN_ADDR": f"127.0.0.1:{ports['sasl']}",
                 "METRICS_LISTEN_ADDR": f"127.0.0.1:{ports['metrics']}",
                 "WORKERS": str(workers),
+                **extra,
             }
         )
-        name = f"daemon-{workers}"
+        self.run_counter += 1
+        name = f"daemon-{workers}-{self.run_counter}"
         log = self.work / f"{name}.log"
         process = self.processes.start(
             name,
@@ -460,8 +482,8 @@ class Bench:
         if args.no_podop:
             targets.discard("podop")
         try:
-            if "daemon" in targets:
-                self.run_target("daemon", self.daemon(1), names, connections)
+            for target, root in compared(targets, args):
+                self.run_target(target, self.daemon(1, root=root), names, connections)
             if "workers" in targets and args.workers > 1:
                 self.run_target(
                     f"daemon x{args.workers}", self.daemon(args.workers), names, connections
@@ -491,6 +513,28 @@ class Bench:
             json.dumps([asdict(r) for r in self.results], indent=1)
         )
         print(f"\nwritten to {RESULTS / f'RESULTS-{stamp}.md'}")
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def postfix(self, messages: int) -> None:
+        """The end-to-end scenario through a real Postfix (see L{benchmarks.postfix})."""
+        from benchmarks import postfix
+
+        print(postfix.HEADER, flush=True)
+        self.start_backends()
+        try:
+            phases = postfix.PostfixScenario(self, messages).run(compared({"daemon"}, self.args))
+        finally:
+            self.processes.stopAll()
+        report = postfix.render(phases, self.args.latency)
+        print()
+        print(report)
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (RESULTS / f"POSTFIX-{stamp}.md").write_text(report)
+        (RESULTS / f"POSTFIX-{stamp}.json").write_text(
+            json.dumps([asdict(p) for p in phases], indent=1)
+        )
+        print(f"\nwritten to {RESULTS / f'POSTFIX-{stamp}.md'}")
         shutil.rmtree(self.work, ignore_errors=True)
 
     def soak(self, seconds: int) -> None:
@@ -565,6 +609,17 @@ def format_row(r: Result) -> str:
     )
 
 
+def series(
+    results: list[Result], target: str, scenario: str, conns: int, attribute: str
+) -> list[float]:
+    """One figure of every run of C{target} in C{scenario} at C{conns} connections."""
+    return [
+        getattr(r, attribute)
+        for r in results
+        if (r.target, r.scenario, r.conns) == (target, scenario, conns) and getattr(r, attribute)
+    ]
+
+
 def render(results: list[Result], args: argparse.Namespace) -> str:
     """The Markdown report: the table, the ratios, the generator's ceiling."""
     titles = {s.name: s.title for s in scenarios().values()}
@@ -602,6 +657,26 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
             "|---|---|---|---|---|",
             *ratios,
         ]
+    pairs = sorted({(r.scenario, r.conns) for r in results if r.target == "yardstick"})
+    if pairs:
+        lines += [
+            "",
+            f"Against the yardstick (another checkout's daemon, same session, "
+            f"{args.rounds} round(s) in alternating order; medians):",
+            "",
+        ]
+        for name, conns in pairs:
+            ours = series(results, "daemon", name, conns, "cpu_per_1000")
+            theirs = series(results, "yardstick", name, conns, "cpu_per_1000")
+            if ours and theirs:
+                rates = (
+                    series(results, "daemon", name, conns, "rps"),
+                    series(results, "yardstick", name, conns, "rps"),
+                )
+                lines.append(
+                    f"- {name}, {conns} connections: CPU per request {change(ours, theirs)}, "
+                    f"req/s {change(*rates)}"
+                )
     ceiling = [r for r in results if r.target == "trivial responder"]
     if ceiling:
         lines += ["", "Load generator ceiling (against the trivial responder):", ""]
@@ -651,6 +726,26 @@ def main() -> None:
     )
     parser.add_argument("--no-podop", action="store_true", help="leave the podop peer out")
     parser.add_argument("--soak", type=int, metavar="SECONDS", help="memory soak instead")
+    parser.add_argument(
+        "--postfix", action="store_true", help="mail through a real Postfix instead (as root)"
+    )
+    parser.add_argument(
+        "--messages", type=int, default=200, help="messages per mix measured by --postfix"
+    )
+    parser.add_argument(
+        "--yardstick",
+        type=Path,
+        metavar="DIR",
+        help="also run the daemon of this checkout (e.g. a git worktree of an older commit) "
+        "as 'yardstick' (one process), in the same session, for a fair comparison",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --yardstick: run the daemon and the yardstick this many times each, "
+        "in alternating order, and compare the medians",
+    )
     args = parser.parse_args()
     defaults = (3.0, 1.0, "10,50") if args.quick else (10.0, 2.0, "1,10,50,200")
     for name, default in zip(("duration", "warmup", "connections"), defaults, strict=True):
@@ -663,6 +758,8 @@ def main() -> None:
     try:
         if args.soak:
             bench.soak(args.soak)
+        elif args.postfix:
+            bench.postfix(args.messages)
         else:
             bench.run()
     except KeyboardInterrupt:

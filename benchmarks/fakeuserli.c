@@ -24,6 +24,9 @@
  *               else 401 {"message": "authentication failed"}
  * A request without the bearer token is answered 401 unless
  * --allow-anonymous (for peers such as podop that send none).
+ * GET /counts answers how many requests each endpoint has received so far
+ * (a JSON object, endpoint -> count), so a benchmark can say how many
+ * calls reached Userli per message.
  * Prints "listening on http://127.0.0.1:PORT" once it accepts.
  */
 #define _GNU_SOURCE
@@ -157,12 +160,37 @@ static int json_field(const char *body, const char *name, char *out, size_t cap)
 	return 1;
 }
 
+static const char *const endpoints[] = {"alias", "domain", "mailbox", "senders", "smtp_quota", "auth"};
+#define ENDPOINTS (sizeof endpoints / sizeof endpoints[0])
+static unsigned long counts[ENDPOINTS];
+
+/* Count a request to /api/postfix/<endpoint>[/...]. */
+static void count(const char *rest)
+{
+	size_t n = strcspn(rest, "/?");
+	for (size_t i = 0; i < ENDPOINTS; i++)
+		if (strlen(endpoints[i]) == n && strncmp(rest, endpoints[i], n) == 0)
+			counts[i]++;
+}
+
+static int answer_counts(char *json, size_t cap)
+{
+	size_t o = (size_t)snprintf(json, cap, "{");
+	for (size_t i = 0; i < ENDPOINTS && o < cap; i++)
+		o += (size_t)snprintf(json + o, cap - o, "%s\"%s\": %lu", i ? ", " : "", endpoints[i],
+				      counts[i]);
+	if (o < cap)
+		snprintf(json + o, cap - o, "}");
+	return 200;
+}
+
 static int answer(const char *method, const char *path, const char *body, char *json, size_t cap)
 {
 	static const char prefix[] = "/api/postfix/";
 	if (strncmp(path, prefix, sizeof prefix - 1) != 0)
 		goto notfound;
 	const char *rest = path + sizeof prefix - 1;
+	count(rest);
 	if (strcmp(rest, "auth") == 0 && strcmp(method, "POST") == 0) {
 		char email[512], password[512];
 		if (!json_field(body, "email", email, sizeof email) ||
@@ -281,7 +309,9 @@ static int handle(int fd)
 		const char *auth = header(head, "Authorization", &vl);
 		char expected[512];
 		snprintf(expected, sizeof expected, "Bearer %s", token);
-		if (auth && vl == strlen(expected) && strncmp(auth, expected, vl) == 0) {
+		if (strcmp(method, "GET") == 0 && strcmp(path, "/counts") == 0) {
+			status = answer_counts(json, sizeof json);
+		} else if (auth && vl == strlen(expected) && strncmp(auth, expected, vl) == 0) {
 			status = answer(method, path, body, json, sizeof json);
 		} else if (!auth && allow_anonymous) {
 			status = answer(method, path, body, json, sizeof json);

@@ -112,6 +112,9 @@ class FakeRedis:
             return d
         return defer.succeed(result)
 
+    def send(self, command: str, *args: Any) -> None:
+        self.execute(command, *args).addErrback(lambda failure: None)
+
     def release(self) -> None:
         """Deliver every held reply, in order."""
         held, self.held = self.held, []

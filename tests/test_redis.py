@@ -134,6 +134,26 @@ class RedisClientTests(SynchronousTestCase):
         inner.errback(txredisapi.ConnectionError("lost"))
         self.assertIsNone(self.successResultOf(inner))
 
+    def test_send(self) -> None:
+        """
+        A command sent without waiting goes to Redis as given and arms no
+        timer; its failure, however late, is consumed.
+        """
+        self.assertIsNone(self.client.send("SET", "k", "OK 1", "EX", 300))
+        self.assertEqual(self.connection.commands, [("SET", "k", "OK 1", "EX", 300)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.connection.answers[0].errback(txredisapi.ConnectionError("lost"))
+        self.assertIsNone(self.successResultOf(self.connection.answers[0]))
+
+    def test_send_not_connected(self) -> None:
+        """Without a connection, or when txredisapi refuses, a command sent is dropped."""
+        self.connection._factory.size = 0
+        self.client.send("SET", "k", "v")
+        self.connection._factory.size = 1
+        self.connection.raiseOnExecute = txredisapi.ConnectionError("no")
+        self.client.send("SET", "k", "v")
+        self.assertEqual(self.connection.commands, [])
+
     def test_not_connected(self) -> None:
         """With no connection of the pool up, a command fails at once, without waiting."""
         self.connection._factory.size = 0

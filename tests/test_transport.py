@@ -173,3 +173,22 @@ class ClientTests(SynchronousTestCase):
         factory.doStart()
         factory.doStop()
         self.assertEqual(events, [])
+
+    def test_no_cookies(self) -> None:
+        """
+        A cookie Userli (or a proxy in front of it) sets is neither kept nor
+        sent with the next request on the same connection.
+        """
+        d = self.get()
+        self.answer(
+            self.transports[0],
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: PHPSESSID=abc123; Path=/\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 4\r\n\r\ntrue",
+        )
+        self.successResultOf(d)
+        self.transports[0].clear()
+        self.get()
+        sent = self.transports[0].value()
+        self.assertIn(b"GET /api/postfix/domain/example.org", sent)
+        self.assertNotIn(b"cookie", sent.lower())
+        self.assertNotIn(b"abc123", sent)

@@ -17,7 +17,9 @@ import unicodedata
 _LOCAL_PART = re.compile(r"[a-z0-9._-]+")
 # A domain label: letters (any script, as Postfix may pass SMTPUTF8 domains
 # through), digits and inner hyphens.  Nothing that is URL or path syntax.
-_LABEL = re.compile(r"[^\W_](?:[^\W_]|-)*(?<!-)")
+_LABEL = r"[^\W_](?:[^\W_]|-)*(?<!-)"
+# Dot-separated labels, in one match.
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _MAX_ADDRESS = 320
 _MAX_DOMAIN = 253
 
@@ -43,6 +45,9 @@ def _visible(text: str) -> bool:
 
 
 def _trim(text: str) -> str:
+    if text and text[0].isalnum() and text[-1].isalnum():
+        # The usual key: letters and digits are never invisible.
+        return text
     start, end = 0, len(text)
     while start < end and _is_invisible(text[start]):
         start += 1
@@ -64,7 +69,7 @@ def normalise_domain(raw: str) -> str | None:
         domain = domain[:-1]
     if not domain or len(domain) > _MAX_DOMAIN or not _visible(domain):
         return None
-    if not all(_LABEL.fullmatch(label) for label in domain.split(".")):
+    if not _DOMAIN.fullmatch(domain):
         return None
     return domain
 

@@ -217,18 +217,16 @@ class RedisCache:
             return
         args = [cache_key(mapname, key) for mapname, key, _ in items]
         args += [reply.decode("utf-8") for _, _, reply in items]
-        d = self._redis.execute("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry(lifetime))
-        d.addErrback(lambda failure: None)
+        self._redis.send("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry(lifetime))
 
     def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None:
         lifetime = self._ttl if ttl is None else ttl
         if lifetime <= 0:
             return
-        d = self._redis.execute(
+        # A failed write only means the next lookup asks the API again.
+        self._redis.send(
             "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry(lifetime)
         )
-        # A failed write only means the next lookup asks the API again.
-        d.addErrback(lambda failure: None)
 
 
 class NearCache:

@@ -155,7 +155,9 @@ class ServingMixin(TimeoutMixin):
             return
         pending = len(self.replies)
         if pending:
-            self.setTimeout(None)  # type: ignore[no-untyped-call]
+            # The idle timer runs on while requests are outstanding, and
+            # L{timeoutConnection} spares such a connection: cheaper than
+            # cancelling a timer and making a new one for every request.
             if pending >= MAX_PIPELINED and not self._paused:
                 self._paused = True
                 self.transport.pauseProducing()
@@ -168,6 +170,11 @@ class ServingMixin(TimeoutMixin):
             self.transport.resumeProducing()
 
     def timeoutConnection(self) -> None:
+        if self.outstanding:
+            # Not idle: waiting for an answer.  The timer starts over with
+            # the reply.
+            self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
+            return
         log.debug("Closing idle connection")
         self.transport.loseConnection()
 

@@ -209,16 +209,19 @@ class Lookups:
         render: Callable[[Any], bytes],
         started: float,
     ) -> defer.Deferred[bytes]:
-        waiter: defer.Deferred[bytes] = defer.Deferred()
         item = (mapname, normalised)
         waiters = self._inflight.get(item)
+        waiter: defer.Deferred[bytes]
         if waiters is None:
-            self._inflight[item] = [waiter]
-            d: defer.Deferred[Any] = call(normalised)
-            d.addCallback(render)
-            d.addErrback(self._temporary, mapname)
-            d.addCallback(self._release, item)
+            # The first asker waits on the call itself; those who ask the
+            # same while it runs get a Deferred each, fired by _release.
+            self._inflight[item] = []
+            waiter = call(normalised)
+            waiter.addCallback(render)
+            waiter.addErrback(self._temporary, mapname)
+            waiter.addCallback(self._release, item)
         else:
+            waiter = defer.Deferred()
             waiters.append(waiter)
 
         def finish(reply: bytes) -> bytes:
@@ -239,12 +242,13 @@ class Lookups:
             log.warn("Userli {map} lookup failed: {error}", map=mapname, error=failure.value)
         return b"TEMP Userli API unavailable"
 
-    def _release(self, reply: bytes, item: tuple[str, str]) -> None:
+    def _release(self, reply: bytes, item: tuple[str, str]) -> bytes:
         if len(reply) > MAX_REPLY:
             log.error("Userli {map} answer too long for Postfix", map=item[0])
             reply = b"TEMP answer too long for Postfix"
         for waiter in self._inflight.pop(item):
             waiter.callback(reply)
+        return reply
 
     def _cacheResult(self, handler: str, result: str) -> None:
         inc = self._cacheSeries.get((handler, result))

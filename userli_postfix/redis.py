@@ -400,6 +400,21 @@ class RedisClient:
             lambda: RedisUnavailable(f"no reply within {seconds:g} s"),
         ).addErrback(translate)
 
+    def send(self, command: str, *args: Any) -> None:
+        """
+        Run one command whose reply nobody waits for (a cache write): no
+        deadline timer, as no caller is kept waiting, and its failure is
+        dropped.  A Redis that stops answering is still noticed: txredisapi's
+        reply timeout closes the connection, which fails the command.
+        """
+        if self._connection is None or not self.connected:
+            return
+        try:
+            d = self._connection.execute_command(command, *args)
+        except Exception:
+            return
+        d.addErrback(lambda failure: None)
+
     def stop(self) -> defer.Deferred[None]:
         """Close every connection and stop reconnecting."""
         if self._connection is None:

@@ -13,10 +13,16 @@ on a pooled connection; L{UserliEndpoints} builds the endpoint to Userli
 once.  It also keeps the pool's connections out of the log: each new one
 would otherwise write "Starting factory" and "Stopping factory" at info
 level, hundreds of lines when a burst of cache misses grows the pool.
+
+The Userli API is stateless, so the client keeps no cookies: a cookie set by
+a proxy in front of Userli (a PHP session, say) is never sent back, which
+would otherwise tie every call to one session, and with PHP's session
+locking serialise all of them.
 """
 
 from __future__ import annotations
 
+from http.cookiejar import CookieJar, CookiePolicy
 from typing import Any
 
 from treq.client import HTTPClient
@@ -43,6 +49,26 @@ POOL_IDLE_TIMEOUT = 60
 # Seconds to establish a connection (TCP, and the TLS handshake for https).
 # Every call also has the Userli client's overall deadline.
 CONNECT_TIMEOUT = 5.0
+
+
+class NoCookies(CookiePolicy):
+    """A cookie policy that accepts no cookie and returns none."""
+
+    netscape = False
+    rfc2965 = False
+    hide_cookie2 = True
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: Any) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: Any) -> bool:
+        return False
 
 
 @implementer(IStreamClientEndpoint)
@@ -116,4 +142,7 @@ def makeHTTPClient(
     pool.retryAutomatically = True
     endpoints = UserliEndpoints(reactor, connectTimeout, policy)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return HTTPClient(agent), pool
+    # treq takes any CookieJar (its annotation names its own subclass,
+    # which the oldest treq we support does not have).
+    jar = CookieJar(NoCookies())
+    return HTTPClient(agent, cookiejar=jar), pool  # type: ignore[arg-type]

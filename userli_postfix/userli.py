@@ -119,7 +119,9 @@ class _BodyReader(Protocol):
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if self.finished.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: the same test without spelling out
+        # the qualified name of every class in the exception's ancestry.
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self.finished.callback(b"".join(self.parts))
         else:
             self.finished.errback(UserliError(f"response body lost: {reason.value}"))
@@ -250,8 +252,7 @@ class UserliClient:
         deadline = self._timeout if timeout is None else timeout
         status_label = ["error"]
 
-        def decode(answer: tuple[int, bytes]) -> T:
-            code, data = answer
+        def decode(data: bytes, code: int) -> T:
             try:
                 value = json.loads(data)
             except ValueError:
@@ -260,7 +261,7 @@ class UserliClient:
 
         def gotResponse(response: IResponse) -> defer.Deferred[T]:
             status_label[0] = str(response.code)
-            return _readBody(response).addCallback(lambda data: decode((response.code, data)))
+            return _readBody(response).addCallback(decode, response.code)
 
         def observe(result: T | Failure) -> T | Failure:
             code = status_label[0]

@@ -240,6 +240,39 @@ class LMTPSink:
         self.stop()
 
 
+def readme_configuration(
+    socketmap: tuple[str, int], policy: tuple[str, int], sasl: tuple[str, int]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """
+    The set-up the README gives, for a daemon listening on these TCP
+    addresses: the C{main.cf} parameters (the four maps, SASL logins,
+    C{reject_sender_login_mismatch}) and the C{-o} options of a submission
+    C{smtpd} (logins required to relay, the quota policy at the end of
+    data), for L{PostfixInstance}'s C{main=} and L{PostfixInstance.add_smtpd}.
+    """
+
+    def table(name: str) -> str:
+        return f"socketmap:inet:{socketmap[0]}:{socketmap[1]}:{name}"
+
+    main = {
+        "virtual_mailbox_domains": table("domain"),
+        "virtual_mailbox_maps": table("mailbox"),
+        "virtual_alias_maps": table("alias"),
+        "smtpd_sender_login_maps": table("senders"),
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_sasl_type": "dovecot",
+        "smtpd_sasl_path": f"inet:{sasl[0]}:{sasl[1]}",
+        "smtpd_sender_restrictions": "reject_sender_login_mismatch",
+        # A -o option cannot hold a space: master.cf refers to this.
+        "userli_policy": f"check_policy_service inet:{policy[0]}:{policy[1]}",
+    }
+    submission = {
+        "smtpd_relay_restrictions": "permit_sasl_authenticated,reject",
+        "smtpd_end_of_data_restrictions": "$userli_policy",
+    }
+    return main, submission
+
+
 #: The services of a working instance, chroot off everywhere.
 _MASTER_SERVICES = """\
 pickup    unix  n       -       n       60      1       pickup
