@@ -416,15 +416,16 @@ class WorkerPool(Service):
     def _start(self, slot: _Slot) -> None:
         """Start a child in C{slot}; if that fails, try again after a pause."""
         try:
-            slot.protocol, slot.transport = self._spawn()
+            slot.protocol, slot.transport = self._spawn(slot)
         except Exception:
-            log.failure("Could not start a worker process")
             delay = self._later(slot)
-            log.error("Trying again in {delay:g} s", delay=delay)
+            log.failure(
+                "Could not start a worker process; trying again in {delay:g} s", delay=delay
+            )
             return
         slot.started = self._reactor.seconds()
 
-    def _spawn(self) -> tuple[_ChildProtocol, Any]:
+    def _spawn(self, slot: _Slot) -> tuple[_ChildProtocol, Any]:
         # Standard output and error are pipes this process reads: it logs
         # the child's lines (see L{_ChildProtocol}).
         childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
@@ -437,7 +438,7 @@ class WorkerPool(Service):
         env[LISTENERS_VARIABLE] = ",".join(names)
         if self._metricsDirectory is not None:
             env[METRICS_VARIABLE] = str(self._metricsDirectory)
-        protocol = _ChildProtocol(self._ended)
+        protocol = _ChildProtocol(lambda protocol, reason: self._ended(slot, protocol, reason))
         transport = self._reactor.spawnProcess(
             protocol,
             self._executable,
@@ -455,18 +456,14 @@ class WorkerPool(Service):
         return delay
 
     def _restart(self, slot: _Slot) -> None:
+        # Never while stopping: the stop cancels what is pending.
         slot.pending = None
-        if self._stopping:
-            return
         self._metrics.worker_restarts.inc()
         self._start(slot)
         if slot.protocol is not None:
             log.info("Worker process {pid} started", pid=slot.protocol.pid)
 
-    def _ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
-        slot = next((s for s in self._slots if s.protocol is protocol), None)
-        if slot is None:
-            return
+    def _ended(self, slot: _Slot, protocol: _ChildProtocol, reason: Failure) -> None:
         slot.protocol = slot.transport = None
         if self._metricsDirectory is not None and protocol.pid is not None:
             try:
