@@ -486,6 +486,7 @@ class TestWorkersRecover:
         (child,) = children(daemon.pid)
         directory = metrics_directory(child)
         listening = 2
+        compared = 0
         for _ in range(5):
             owners = spread(daemon.socketmap, [daemon.pid, child], f"mailbox {ALICE}".encode())
             for group in owners.values():
@@ -500,13 +501,20 @@ class TestWorkersRecover:
             after = counts(url)
             lower = {k: (v, after.get(k)) for k, v in before.items() if after.get(k, -1) < v}
             assert lower == {}, lower
+            compared += len(before)
             assert metric(url, "userli_postfix_adapter_requests_total") == served
         spread(daemon.socketmap, [daemon.pid, child], f"mailbox {ALICE}".encode())
         assert metric(url, "userli_postfix_adapter_worker_restarts_total") == 5
         owners = {path.stem.rsplit("_", 1)[1] for path in directory.iterdir()}
         assert owners <= {str(daemon.pid), str(child), "archive"}, owners
         # Per live process: a counter, a histogram and three kinds of gauge.
-        assert len(list(directory.iterdir())) <= 2 * 5 + 2
+        files = len(list(directory.iterdir()))
+        assert files <= 2 * 5 + 2
+        print(
+            f"\n5 SIGKILLs: {compared} counter and histogram samples compared, none lower; "
+            f"{metric(url, 'userli_postfix_adapter_requests_total'):.0f} lookups counted; "
+            f"{files} files in the metrics directory"
+        )
 
     def test_worker_that_cannot_start(
         self, start_daemon: StartDaemon, redis_server: RedisServer, tmp_path: Path
@@ -530,6 +538,7 @@ class TestWorkersRecover:
         url = daemon.metrics_url + "/metrics"
         fault.write_text("")
         (victim,) = children(daemon.pid)
+        killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         wait_for(
             lambda: metric(url, "userli_postfix_adapter_worker_restarts_total") >= 3,
@@ -541,7 +550,10 @@ class TestWorkersRecover:
         for delay in ("1 s", "2 s", "4 s"):
             assert f"starting another in {delay}" in output
         assert "starting another in 1 s" not in output.split("starting another in 2 s", 1)[1]
+        tries = metric(url, "userli_postfix_adapter_worker_restarts_total")
+        failing = time.monotonic() - killed
         fault.unlink()
+        removed = time.monotonic()
         wait_for(
             lambda: (
                 ready(daemon)["workers"] == {"alive": 2, "configured": 2}
@@ -549,9 +561,14 @@ class TestWorkersRecover:
             ),
             "the pool to be full again",
         )
+        back = time.monotonic() - removed
         (child,) = children(daemon.pid)
         assert isinstance(daemon.socketmap, tuple)
         spread(daemon.socketmap, [daemon.pid, child], f"mailbox {ALICE}".encode())
+        print(
+            f"\nA worker that cannot start: {tries:.0f} tries in {failing:.1f} s; "
+            f"the pool full again {back:.1f} s after the fault was removed"
+        )
 
     def test_stopped_first_process(
         self, start_daemon: StartDaemon, redis_server: RedisServer
@@ -573,9 +590,13 @@ class TestWorkersRecover:
         try:
             stopped = time.monotonic()
             answered = 0
+            slowest = 0.0
             while answered < 2000 or time.monotonic() - stopped < 2:
+                asked = time.monotonic()
                 assert worker.policy(end_of_message(ALICE)) == "DUNNO"
+                slowest = max(slowest, time.monotonic() - asked)
                 answered += 1
+            paused = time.monotonic() - stopped
         finally:
             os.kill(daemon.pid, signal.SIGCONT)
         url = daemon.metrics_url + "/metrics"
@@ -588,6 +609,12 @@ class TestWorkersRecover:
             return dropped > 0 and sum(int(n) for n in notices) == dropped
 
         wait_for(reported, "the dropped lines to be counted and said")
+        print(
+            f"\nFirst process stopped {paused:.1f} s: the worker answered {answered} policy "
+            f"requests, slowest {slowest * 1000:.1f} ms; "
+            f"{metric(url, 'userli_postfix_adapter_log_lines_dropped_total'):.0f} log lines "
+            "dropped, counted and said"
+        )
         for group in owners.values():
             for connection in group:
                 connection.close()
