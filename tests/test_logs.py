@@ -355,8 +355,8 @@ class PipeObserverTests(SynchronousTestCase):
             [
                 (
                     LogLevel.warn,
-                    "2 log lines of this worker were dropped: "
-                    "the pipe to the first process was full",
+                    "Log lines of this worker dropped while the pipe to the first "
+                    "process was full: 2",
                 ),
                 (LogLevel.info, "through again"),
                 (LogLevel.info, "and again"),
@@ -380,7 +380,7 @@ class PipeObserverTests(SynchronousTestCase):
         events = self.pipe.events()
         self.assertEqual(
             [formatEvent(e)[:20] for e in events],
-            ["b" * 20, "1 log lines of this ", "after", "last"],
+            ["b" * 20, "Log lines of this wo", "after", "last"],
         )
         self.assertEqual(len(formatEvent(events[0])), 30_000)
 

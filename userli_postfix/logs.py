@@ -262,8 +262,8 @@ class PipeObserver:
     def _notice(count: int) -> bytes:
         event = {
             "log_format": (
-                "{count} log lines of this worker were dropped: "
-                "the pipe to the first process was full"
+                "Log lines of this worker dropped while the pipe to the first "
+                "process was full: {count}"
             ),
             "count": count,
             "log_level": LogLevel.warn,

@@ -604,7 +604,11 @@ class TestWorkersRecover:
         def reported() -> bool:
             # Something to log, so the worker finds the pipe has room again.
             worker.policy(end_of_message(ALICE))
-            notices = re.findall(r"(\d+) log lines of this worker were dropped", daemon.output())
+            notices = re.findall(
+                r"Log lines of this worker dropped while the pipe to the first process "
+                r"was full: (\d+)",
+                daemon.output(),
+            )
             dropped = metric(url, "userli_postfix_adapter_log_lines_dropped_total")
             return dropped > 0 and sum(int(n) for n in notices) == dropped
 
