@@ -14,12 +14,13 @@ import sys
 import tempfile
 from typing import Any
 
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python import syslog as twisted_syslog
 from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.logs import (
     LEVELS,
+    PipeObserver,
     daemonObserver,
     makeObserver,
     relayedEvent,
@@ -243,17 +244,55 @@ class SyslogTests(SynchronousTestCase):
         self.assertEqual(record["level"], "warn")
 
 
+class Pipe:
+    """
+    A pipe as a worker's stdout is: the write end for the observer, the
+    read end for what the first process would read.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.reading, self.writing = os.pipe()
+        case.addCleanup(os.close, self.reading)
+        case.addCleanup(os.close, self.writing)
+        os.set_blocking(self.reading, False)
+        self.received = b""
+
+    def read(self) -> bytes:
+        """Everything in the pipe now (which frees it), added to L{received}."""
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self.reading, 1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        self.received += data
+        return data
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events in what was received so far, one per line, each whole."""
+        self.read()
+        events = []
+        for line in self.received.split(b"\n")[:-1]:
+            event = relayedEvent(line)
+            assert event is not None, line[:200]
+            events.append(event)
+        return events
+
+
 class WorkerLogTests(SynchronousTestCase):
     """L{workerObserver} and L{relayedEvent}: a worker's events, one line each."""
 
     def test_round_trip(self) -> None:
         """An event a worker writes is read back with its message, level and namespace."""
-        stream = io.StringIO()
-        Logger(namespace="ns", observer=workerObserver("debug", stream)).debug(
+        pipe = Pipe(self)
+        Logger(namespace="ns", observer=workerObserver("debug", pipe.writing)).debug(
             "a {thing}\nwith a newline", thing=object()
         )
-        (line,) = stream.getvalue().splitlines()
-        event = relayedEvent(line.encode("utf-8"))
+        (line,) = pipe.read().splitlines()
+        event = relayedEvent(line)
         assert event is not None
         self.assertEqual(event["log_namespace"], "ns")
         self.assertIs(event["log_level"], LEVELS["debug"])
@@ -263,6 +302,96 @@ class WorkerLogTests(SynchronousTestCase):
         """Text, other JSON and bytes that are not UTF-8 are not events."""
         for line in [b"plain", b"[1, 2]", b'{"log_level": "warn"}', b"\xff{}", b""]:
             self.assertIsNone(relayedEvent(line), line)
+
+
+class PipeObserverTests(SynchronousTestCase):
+    """
+    L{PipeObserver}: a worker's logging never waits for the first process
+    to read; what does not fit is dropped, counted and reported.
+    """
+
+    def setUp(self) -> None:
+        self.pipe = Pipe(self)
+        self.dropped = 0
+        self.log = Logger(namespace="worker", observer=PipeObserver(self.pipe.writing, self.count))
+
+    def count(self) -> None:
+        self.dropped += 1
+
+    def fill(self) -> int:
+        """Log until the pipe is full (the first process reading nothing); how many went in."""
+        logged = 0
+        while not self.dropped:
+            self.log.info("line {n} {padding}", n=logged, padding="x" * 200)
+            logged += 1
+        return logged - 1
+
+    def test_full_pipe_drops(self) -> None:
+        """
+        With nobody reading, logging goes on without blocking once the pipe
+        is full: each line that does not fit is dropped and counted.
+        """
+        written = self.fill()
+        self.assertGreater(written, 0)
+        for _ in range(99):
+            self.log.info("more")
+        self.assertEqual(self.dropped, 100)
+        events = self.pipe.events()
+        self.assertEqual([e["n"] for e in events], list(range(written)), "whole lines, in order")
+
+    def test_said_once_when_recovered(self) -> None:
+        """
+        The first line that gets through after drops is preceded by one
+        warning that says how many were dropped; the next lines come alone.
+        """
+        written = self.fill()
+        self.log.info("dropped too")
+        self.pipe.read()
+        self.log.info("through again")
+        self.log.info("and again")
+        events = self.pipe.events()[written:]
+        self.assertEqual(
+            [(e["log_level"], formatEvent(e)) for e in events],
+            [
+                (
+                    LogLevel.warn,
+                    "Log lines of this worker dropped while the pipe to the first "
+                    "process was full: 2",
+                ),
+                (LogLevel.info, "through again"),
+                (LogLevel.info, "and again"),
+            ],
+        )
+        self.assertEqual(self.dropped, 2, "the warning is no drop")
+
+    def test_long_line_finished_first(self) -> None:
+        """
+        A line longer than the pipe holds goes in part; lines logged while
+        the rest does not fit are dropped, never written into its middle,
+        and the rest goes first once there is room.
+        """
+        self.log.info("{big}", big="b" * 30_000)
+        self.log.info("while full")
+        self.assertEqual(self.dropped, 1)
+        self.pipe.read()
+        self.log.info("after")
+        self.pipe.read()
+        self.log.info("last")
+        events = self.pipe.events()
+        self.assertEqual(
+            [formatEvent(e)[:20] for e in events],
+            ["b" * 20, "Log lines of this wo", "after", "last"],
+        )
+        self.assertEqual(len(formatEvent(events[0])), 30_000)
+
+    def test_first_process_gone(self) -> None:
+        """A pipe whose reader is gone drops lines instead of raising."""
+        reading, writing = os.pipe()
+        os.close(reading)
+        self.addCleanup(os.close, writing)
+        dropped: list[None] = []
+        Logger(observer=PipeObserver(writing, lambda: dropped.append(None))).error("lost")
+        self.assertEqual(len(dropped), 1)
 
 
 class CredentialsTests(SynchronousTestCase):

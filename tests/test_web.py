@@ -66,6 +66,13 @@ class FakeClient:
         return d
 
 
+class FakeProcesses:
+    """A worker pool of three processes, as many alive as the test says."""
+
+    configured = 3
+    alive = 3
+
+
 class SameThread:
     """
     Runs "threaded" work at once: the reactor and thread pool of a
@@ -149,7 +156,12 @@ class ReadyTests(WebTestCase):
             response = self.finish(d)
             self.assertEqual(response.code, 200)
             self.assertEqual(
-                json.loads(self.body(response)), {"status": "ready", "circuit_breaker": "closed"}
+                json.loads(self.body(response)),
+                {
+                    "status": "ready",
+                    "circuit_breaker": "closed",
+                    "workers": {"alive": 1, "configured": 1},
+                },
             )
             self.assertEqual(self.health_status(), 1.0)
         self.assertEqual(READY_PROBE, "health-check.invalid")
@@ -168,9 +180,39 @@ class ReadyTests(WebTestCase):
         self.assertEqual(response.code, 503)
         self.assertEqual(
             json.loads(self.body(response)),
-            {"status": "unavailable", "error": "HTTP 500", "circuit_breaker": "closed"},
+            {
+                "status": "unavailable",
+                "error": "HTTP 500",
+                "circuit_breaker": "closed",
+                "workers": {"alive": 1, "configured": 1},
+            },
         )
         self.assertEqual(self.health_status(), 0.0)
+
+    def test_workers(self) -> None:
+        """
+        The body says how many processes serve of how many configured, as
+        the worker pool counts them now, ready or not.
+        """
+        processes = FakeProcesses()
+        web = Web(self.metrics, self.client, processes=processes)  # type: ignore[arg-type]
+        http = StubTreq(web.app.resource())
+        for alive, outcome in [(3, True), (2, True), (1, False)]:
+            processes.alive = alive
+            d = http.request("GET", "http://daemon.test/ready")
+            http.flush()
+            if outcome:
+                self.client.pending.pop().callback(True)
+            else:
+                self.client.pending.pop().errback(UserliError("HTTP 500"))
+            http.flush()
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, 200 if outcome else 503)
+            content = treq.json_content(response)
+            http.flush()
+            self.assertEqual(
+                self.successResultOf(content)["workers"], {"alive": alive, "configured": 3}
+            )
 
     def test_breaker_open(self) -> None:
         """

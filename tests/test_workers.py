@@ -9,10 +9,11 @@ runs real ones.
 
 from __future__ import annotations
 
-import io
+import errno
 import os
 import shutil
 import socket
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,23 +26,28 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import userli_postfix
+from tests.test_logs import Pipe
+from tests.test_metricsdir import readTotals, writeMetrics
 from userli_postfix.config import MAX_WORKERS, Config, ConfigError
 from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen
 from userli_postfix.logs import workerObserver
+from userli_postfix.metrics import Metrics
+from userli_postfix.metricsdir import ARCHIVE
 from userli_postfix.workers import (
     LISTENERS_VARIABLE,
     MAX_LINE,
+    MAX_RESTART_DELAY,
     METRICS_VARIABLE,
-    RESPAWN_DELAY,
+    RESTART_DELAY,
+    STABLE_AFTER,
     STOP_MARGIN,
     AdoptedEndpoint,
     RecordingEndpoint,
     WorkerPool,
     _ChildProtocol,
-    _removeMetrics,
     childEnvironment,
-    forgetProcess,
     inheritedListeners,
+    restartDelay,
     sharedEndpoint,
 )
 
@@ -167,6 +173,9 @@ class FakeProcessReactor(Clock):
         self.spawned: list[dict[str, Any]] = []
         self.whenRunning: list[Any] = []
         self.adopted: list[tuple[int, int, Any]] = []
+        # What spawnProcess raises, while set (fork failing, no memory).
+        self.failing: Exception | None = None
+        self.failed = 0
 
     def callWhenRunning(self, f: Any, *args: Any) -> None:
         self.whenRunning.append((f, args))
@@ -179,6 +188,9 @@ class FakeProcessReactor(Clock):
     def spawnProcess(
         self, protocol: Any, executable: str, args: list[str], env: dict[str, str], childFDs: Any
     ) -> FakeProcess:
+        if self.failing is not None:
+            self.failed += 1
+            raise self.failing
         process = FakeProcess(1000 + len(self.spawned), protocol)
         self.spawned.append(
             dict(executable=executable, args=args, env=env, childFDs=childFDs, process=process)
@@ -228,12 +240,14 @@ class ChildLogTests(SynchronousTestCase):
 
     def childLogger(self, level: str = "info") -> Logger:
         """A logger set up as in a child; L{written} is what it wrote."""
-        self.stream = io.StringIO()
-        return Logger(namespace="userli_postfix.child", observer=workerObserver(level, self.stream))
+        self.pipe = Pipe(self)
+        return Logger(
+            namespace="userli_postfix.child", observer=workerObserver(level, self.pipe.writing)
+        )
 
     def written(self) -> bytes:
         """What the child's logger wrote to its stdout."""
-        return self.stream.getvalue().encode("utf-8")
+        return self.pipe.read()
 
     def test_events_passed_through(self) -> None:
         """
@@ -315,25 +329,44 @@ class WorkerPoolTests(SynchronousTestCase):
         self.directory = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, self.directory, ignore_errors=True)
         self.ports = {"socketmap": FakePort(11), "policy": FakePort(12)}
+        self.metrics = Metrics(process=False)
         self.pool = WorkerPool(
             self.reactor,
             3,
             self.ports,
             {"USERLI_TOKEN": "t"},
             grace=5.0,
+            metrics=self.metrics,
             metricsDirectory=self.directory,
         )
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
 
     def start(self) -> None:
         self.pool.startService()
         self.reactor.run()
 
+    def restarts(self) -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "userli_postfix_adapter_worker_restarts_total"
+        )
+
+    def latest(self) -> FakeProcess:
+        process: FakeProcess = self.reactor.spawned[-1]["process"]
+        return process
+
+    def errors(self) -> list[str]:
+        return [formatEvent(e) for e in self.logged if e.get("log_level") == LogLevel.error]
+
     def test_children_once_running(self) -> None:
         """N workers are this process and N-1 children, started once the reactor runs."""
         self.pool.startService()
         self.assertEqual(self.reactor.spawned, [])
+        self.assertEqual((self.pool.alive, self.pool.configured), (1, 3))
         self.reactor.run()
         self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual((self.pool.alive, self.pool.configured), (3, 3))
 
     def test_sockets_and_environment(self) -> None:
         """
@@ -352,13 +385,97 @@ class WorkerPoolTests(SynchronousTestCase):
         )
 
     def test_dead_child_replaced(self) -> None:
-        """A child that dies while the daemon runs is replaced after a pause."""
+        """
+        A child that dies while the daemon runs is replaced after a pause,
+        the replacement counted; meanwhile one process fewer is alive.
+        """
         self.start()
         self.reactor.spawned[0]["process"].end()
         self.assertEqual(len(self.reactor.spawned), 2)
-        self.reactor.advance(RESPAWN_DELAY)
+        self.assertEqual(self.pool.alive, 2)
+        self.reactor.advance(RESTART_DELAY)
         self.assertEqual(len(self.reactor.spawned), 3)
-        self.assertEqual(len(self.pool.children), 2)
+        self.assertEqual(self.pool.alive, 3)
+        self.assertEqual(self.restarts(), 1.0)
+
+    def test_delay_table(self) -> None:
+        """1 s, doubling with each worker in a row that died young, at most a minute."""
+        self.assertEqual(
+            [restartDelay(n) for n in range(9)], [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+        )
+        self.assertEqual(restartDelay(10**6), MAX_RESTART_DELAY)
+
+    def nextDelay(self) -> float:
+        """
+        End the newest child at once and measure, on the clock, how long
+        the pool waits before it starts the next one.
+        """
+        self.latest().end()
+        spawned = len(self.reactor.spawned)
+        waited = 0.0
+        while len(self.reactor.spawned) == spawned:
+            self.reactor.advance(0.5)
+            waited += 0.5
+        return waited
+
+    def test_delays_grow(self) -> None:
+        """
+        A worker that keeps dying young is restarted after 1, 2, 4 ... s,
+        then every minute; each restart counted, each death one error line
+        that says when the next try comes.
+        """
+        self.start()
+        delays = [self.nextDelay() for _ in range(8)]
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0])
+        self.assertEqual(self.restarts(), 8.0)
+        self.assertEqual(len(self.errors()), 8)
+        self.assertIn("starting another in 60 s", self.errors()[-1])
+
+    def test_delay_reset_after_a_while(self) -> None:
+        """A worker that ran a while started fine: its replacement comes after 1 s again."""
+        self.start()
+        for _ in range(4):
+            self.nextDelay()
+        self.reactor.advance(STABLE_AFTER)
+        self.assertEqual(self.nextDelay(), RESTART_DELAY)
+        self.assertEqual(self.nextDelay(), 2 * RESTART_DELAY)
+
+    def test_start_failure_retried(self) -> None:
+        """
+        A replacement that cannot be started (spawning raises in the
+        restart timer) is tried again and again with growing pauses, each
+        counted and logged, never given up; once starting works again the
+        pool is full.
+        """
+        self.start()
+        self.reactor.failing = OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        self.latest().end()
+        self.assertEqual(self.pool.alive, 2)
+        for delay, tries in [(1.0, 1), (2.0, 2), (4.0, 3), (8.0, 4), (16.0, 5)]:
+            self.reactor.advance(delay - 0.5)
+            self.assertEqual(self.reactor.failed, tries - 1)
+            self.reactor.advance(0.5)
+            self.assertEqual(self.reactor.failed, tries)
+        self.assertEqual(self.restarts(), 5.0)
+        self.assertEqual(self.pool.alive, 2)
+        failures = [e for e in self.logged if e.get("log_failure") is not None]
+        self.assertEqual(len(failures), 5)
+        self.assertIn("Resource temporarily unavailable", str(failures[0]["log_failure"].value))
+        self.reactor.failing = None
+        self.reactor.advance(32.0)
+        self.assertEqual((self.pool.alive, self.pool.configured), (3, 3))
+        self.assertEqual(self.restarts(), 6.0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 5)
+
+    def test_first_start_failure_retried(self) -> None:
+        """Children that cannot be started with the daemon are tried again later."""
+        self.reactor.failing = OSError(errno.ENOMEM, "Cannot allocate memory")
+        self.start()
+        self.assertEqual(self.pool.alive, 1)
+        self.reactor.failing = None
+        self.reactor.advance(RESTART_DELAY)
+        self.assertEqual(self.pool.alive, 3)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
 
     def test_stop(self) -> None:
         """
@@ -376,7 +493,7 @@ class WorkerPoolTests(SynchronousTestCase):
         processes[1].end()
         self.successResultOf(d)
         self.assertFalse(self.directory.exists())
-        self.reactor.advance(RESPAWN_DELAY * 10)
+        self.reactor.advance(MAX_RESTART_DELAY * 10)
         self.assertEqual(len(self.reactor.spawned), 2)
 
     def test_stop_kills_stragglers(self) -> None:
@@ -409,96 +526,69 @@ class WorkerPoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
-    def test_dead_child_metrics_dropped(self) -> None:
+    def test_dead_child_metrics_kept(self) -> None:
         """
-        Every metrics file of a child that ended is removed (its live gauges
-        through prometheus-client's C{mark_process_dead}); other processes'
-        files stay.
+        What a child that ended counted stays in the totals (its counters
+        and histograms kept in the archive); its live gauges go; other
+        processes' files stay as they are.
         """
         self.start()
         process = self.reactor.spawned[0]["process"]
         other = self.reactor.spawned[1]["process"]
-        names = [
-            f"gauge_livesum_{process.pid}.db",
-            f"counter_{process.pid}.db",
-            f"histogram_{process.pid}.db",
-            f"counter_{other.pid}.db",
-            f"counter_1{process.pid}.db",
-        ]
-        for name in names:
-            (self.directory / name).write_bytes(b"")
+        writeMetrics(self.directory, process.pid, requests=5, connections=2)
+        writeMetrics(self.directory, other.pid, requests=7, connections=1)
+        before = readTotals(self.directory)
         process.end()
-        self.assertEqual(sorted(p.name for p in self.directory.iterdir()), sorted(names[3:]))
+        after = readTotals(self.directory)
+        self.assertEqual(after.pop("connections"), 1.0)
+        self.assertEqual(before.pop("connections"), 3.0)
+        self.assertEqual(after, before)
+        self.assertEqual(after["requests_total"], 12.0)
+        self.assertEqual(
+            sorted(p.name for p in self.directory.iterdir()),
+            sorted(
+                [
+                    f"counter_{ARCHIVE}.db",
+                    f"histogram_{ARCHIVE}.db",
+                    f"counter_{other.pid}.db",
+                    f"histogram_{other.pid}.db",
+                    f"gauge_livesum_{other.pid}.db",
+                ]
+            ),
+        )
 
     def test_crashing_child_leaves_no_pile(self) -> None:
         """
         A child that dies again and again (each replacement writing its
         metrics files) leaves no more files behind than the live processes
-        have.
+        have, plus one archive per type, and every death's counts stay in
+        the totals.
         """
         self.start()
         for _ in range(20):
-            victim = self.reactor.spawned[-1]["process"]
-            (self.directory / f"counter_{victim.pid}.db").write_bytes(b"")
-            (self.directory / f"gauge_livesum_{victim.pid}.db").write_bytes(b"")
-            victim.end()
-            self.reactor.advance(RESPAWN_DELAY)
-        live = {child.pid for child in self.pool.children}
-        left = {int(p.stem.rsplit("_", 1)[1]) for p in self.directory.iterdir()}
-        self.assertLessEqual(left, live)
-        self.assertEqual(len(self.pool.children), 2)
+            victim = self.latest()
+            writeMetrics(self.directory, victim.pid, requests=1, connections=1)
+            self.nextDelay()
+        live = {str(child.pid) for child in self.pool.children}
+        owners = {p.stem.rsplit("_", 1)[1] for p in self.directory.iterdir()}
+        self.assertLessEqual(owners, live | {ARCHIVE})
+        self.assertLessEqual(len(list(self.directory.iterdir())), 3 * len(live) + 2)
+        self.assertEqual(readTotals(self.directory)["requests_total"], 20.0)
+        self.assertEqual(self.pool.alive, 3)
 
-
-class MetricsCleanupTests(SynchronousTestCase):
-    """L{_removeMetrics}: a worker whose parent died cleans up after it."""
-
-    def test_removes_dead_and_given(self) -> None:
+    def test_unreadable_metrics(self) -> None:
         """
-        Files of the given pids and of processes that no longer run go;
-        files of running processes stay, and so does the directory then.
+        A dead child's metrics file that cannot be read (cut short) is
+        logged and removed; the child is replaced all the same.
         """
-        directory = Path(tempfile.mkdtemp())
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        mine = os.getpid()
-        names = [f"counter_{mine}.db", "counter_999999999.db", f"gauge_livesum_{os.getppid()}.db"]
-        for name in names:
-            (directory / name).write_bytes(b"")
-        _removeMetrics(directory, (mine,))
-        self.assertEqual(sorted(p.name for p in directory.iterdir()), [names[2]])
-        _removeMetrics(directory, (os.getppid(),))
-        self.assertFalse(directory.exists())
-
-
-class ForgetProcessTests(SynchronousTestCase):
-    """L{forgetProcess} with prometheus-client's own files."""
-
-    def test_real_files(self) -> None:
-        """
-        The files prometheus-client writes for a process (a counter and a
-        live gauge here, made in a subprocess in multiprocess mode) are all
-        gone after L{forgetProcess}: fails if prometheus-client names its
-        files differently.
-        """
-        import subprocess
-        import sys
-
-        directory = Path(tempfile.mkdtemp())
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        script = (
-            "import os; from prometheus_client import Counter, Gauge; "
-            "Counter('c', 'c').inc(); Gauge('g', 'g', multiprocess_mode='livesum').inc(); "
-            "print(os.getpid())"
-        )
-        result = subprocess.run(
-            [sys.executable, "-c", script],
-            env={**os.environ, METRICS_VARIABLE: str(directory)},
-            capture_output=True,
-            check=True,
-        )
-        pid = int(result.stdout)
-        self.assertEqual(len(list(directory.iterdir())), 2)
-        forgetProcess(directory, pid)
-        self.assertEqual(list(directory.iterdir()), [])
+        self.start()
+        victim = self.latest()
+        (self.directory / f"counter_{victim.pid}.db").write_bytes(b"\x01")
+        self.nextDelay()
+        self.assertEqual(list(self.directory.iterdir()), [])
+        self.assertEqual(self.pool.alive, 3)
+        self.assertTrue(any("Could not keep the metrics" in formatEvent(e) for e in self.logged))
+        self.assertEqual(len(self.flushLoggedErrors(struct.error)), 1)
 
 
 class AdoptingReactor(FakeProcessReactor):

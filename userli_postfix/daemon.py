@@ -42,7 +42,7 @@ from userli_postfix.tlspolicy import makeTLSPolicy
 from userli_postfix.transport import makeHTTPClient
 from userli_postfix.unixsocket import removeStaleSocket
 from userli_postfix.userli import UserliClient
-from userli_postfix.web import MetricsPage, Web, makeSite
+from userli_postfix.web import MetricsPage, OneProcess, Processes, Web, makeSite
 
 log = Logger()
 
@@ -213,18 +213,18 @@ def build(
     assert IReactorCore.providedBy(reactor) or hasattr(reactor, "seconds")
 
     inherited = workers.inheritedListeners()
-    # A worker process hands its events to the first process, which logs
-    # them where its own go.
-    observer = (
-        daemonObserver(config.log_level, config.log_format, twistd)
-        if inherited is None
-        else workerObserver(config.log_level)
-    )
     metricsDirectory = None
     if config.workers > 1 and inherited is None:
         # Chosen while the options were read (see L{metricsdir}).
         metricsDirectory = metricsdir.current() or metricsdir.prepare(str(config.workers))
     metrics = Metrics()
+    # A worker process hands its events to the first process, which logs
+    # them where its own go.
+    observer = (
+        daemonObserver(config.log_level, config.log_format, twistd)
+        if inherited is None
+        else workerObserver(config.log_level, dropped=metrics.log_lines_dropped.inc)
+    )
 
     http, pool = makeHTTPClient(reactor)
     client = UserliClient(
@@ -293,20 +293,25 @@ def build(
             "sasl", config.sasl_listen, makeSASLFactory(config, reactor, client, metrics)
         )
     metricsResource = None
+    processes: Processes = OneProcess()
+    workerPool = None
     if metricsDirectory is not None:
         metricsResource = MetricsPage(workers.aggregatedRegistry())
-    daemon.addListener(
-        "http", config.metrics_listen, makeSite(Web(metrics, client, metricsResource))
-    )
-    if metricsDirectory is not None:
-        workers.WorkerPool(  # type: ignore[no-untyped-call]
+        workerPool = processes = workers.WorkerPool(
             reactor,
             config.workers,
             daemon.ports,
             workers.childEnvironment(os.environ, given),
             SHUTDOWN_GRACE,
+            metrics,
             metricsDirectory,
-        ).setServiceParent(daemon)
+        )
+    daemon.addListener(
+        "http", config.metrics_listen, makeSite(Web(metrics, client, metricsResource, processes))
+    )
+    if workerPool is not None:
+        # After the listeners: it starts once they are open.
+        workerPool.setServiceParent(daemon)  # type: ignore[no-untyped-call]
     if inherited is not None:
         workers.ParentWatch(reactor).setServiceParent(daemon)  # type: ignore[no-untyped-call]
     if hasattr(reactor, "callWhenRunning"):

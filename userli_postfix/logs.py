@@ -19,15 +19,21 @@ themselves: two processes must not write and rotate one file, and in
 daemon mode their stdout would be /dev/null.  A worker writes each event
 whole, as a line of twisted.logger's JSON, to a pipe to the first process
 (L{workerObserver}), and the first process logs it as if it were its own
-(L{relayedEvent}): same destination, format and rotation.
+(L{relayedEvent}): same destination, format and rotation.  Serving never
+waits for that pipe: a worker writes to it without blocking, and while it
+is full (the first process busy, or stopped) drops lines, counts them and
+says how many once lines get through again (L{PipeObserver}).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import IO, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,10 +45,10 @@ from twisted.logger import (
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    eventAsJSON,
     eventFromJSON,
     formatEvent,
     formatTime,
-    jsonFileLogObserver,
     textFileLogObserver,
 )
 from twisted.python.log import ILogObserver as ILegacyLogObserver
@@ -192,15 +198,90 @@ def daemonObserver(
     return filtered(destination(format, twistd), level)
 
 
-def workerObserver(level: str, stream: IO[Any] | None = None) -> ILogObserver:
+@implementer(ILogObserver)
+class PipeObserver:
     """
-    A worker process's observer: each event at C{level} or more severe,
-    whole (level, namespace, time, failure), as one line of
-    twisted.logger's JSON on its stdout, the pipe the first process reads
-    it from (see L{relayedEvent}).
+    A worker process's log: each event, whole (level, namespace, time,
+    failure), as one line of twisted.logger's JSON on the pipe the first
+    process reads it from (see L{relayedEvent}), written without ever
+    waiting for the first process to read.
+
+    The write end is made non-blocking.  A line the pipe has no room for is
+    dropped and counted (C{dropped}); the first line that gets through
+    after some were dropped is preceded by one that says how many.  A line
+    only partly written (longer than what the pipe took at once) is
+    finished before anything else is written, so the first process never
+    sees lines cut into each other.
+
+    Events may come from any thread: writes are one at a time.
     """
-    out = stream if stream is not None else sys.stdout
-    return filtered(jsonFileLogObserver(out, recordSeparator=""), level)
+
+    def __init__(self, fd: int, dropped: Callable[[], object] | None = None) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._dropped = dropped
+        self._lock = threading.Lock()
+        # The end of a line the pipe took only part of.
+        self._rest = b""
+        # Lines dropped since the last one that got through.
+        self._lost = 0
+
+    def __call__(self, event: LogEvent) -> None:
+        line = (eventAsJSON(event) + "\n").encode("utf-8")
+        with self._lock:
+            if self._lost and self._finish():
+                if not self._write(self._notice(self._lost)):
+                    self._drop()
+                    return
+                self._lost = 0
+            if not (self._finish() and self._write(line)):
+                self._drop()
+
+    def _finish(self) -> bool:
+        """Write what is left of a line only partly written; whether nothing is left."""
+        if self._rest:
+            self._write(self._rest)
+        return not self._rest
+
+    def _write(self, data: bytes) -> bool:
+        """Write C{data} as far as the pipe takes it; C{False} when it took none."""
+        try:
+            written = os.write(self._fd, data)
+        except OSError:
+            # Full (BlockingIOError), or the first process is gone.
+            return False
+        self._rest = data[written:]
+        return written > 0
+
+    def _drop(self) -> None:
+        self._lost += 1
+        if self._dropped is not None:
+            self._dropped()
+
+    @staticmethod
+    def _notice(count: int) -> bytes:
+        event = {
+            "log_format": (
+                "Log lines of this worker dropped while the pipe to the first "
+                "process was full: {count}"
+            ),
+            "count": count,
+            "log_level": LogLevel.warn,
+            "log_namespace": __name__,
+            "log_time": time.time(),
+        }
+        return (eventAsJSON(event) + "\n").encode("utf-8")
+
+
+def workerObserver(
+    level: str, fd: int = 1, dropped: Callable[[], object] | None = None
+) -> ILogObserver:
+    """
+    A worker process's observer: each event at C{level} or more severe
+    through a L{PipeObserver} on C{fd}, its stdout, which is a pipe to the
+    first process.
+    """
+    return filtered(PipeObserver(fd, dropped), level)
 
 
 def relayedEvent(line: bytes) -> LogEvent | None:

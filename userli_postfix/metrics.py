@@ -224,3 +224,15 @@ class Metrics:
             "SASL connections refused because 500 were open.",
             registry=r,
         )
+
+        # worker processes (WORKERS > 1) and their logs
+        self.worker_restarts = Counter(
+            f"{PREFIX}_worker_restarts",
+            "Worker processes started in place of one that ended or could not be started.",
+            registry=r,
+        )
+        self.log_lines_dropped = Counter(
+            f"{PREFIX}_log_lines_dropped",
+            "Log lines of worker processes dropped because the pipe to the first process was full.",
+            registry=r,
+        )

@@ -5,13 +5,16 @@ The HTTP listener: ``/metrics``, ``/health`` and ``/ready``.
 with the same probe as the Go program (a domain lookup of
 ``health-check.invalid``, bounded at 2 s).  While the circuit breaker
 fails calls fast, that probe fails at once too (or is the breaker's own
-probe), and ``/ready`` says so in its ``circuit_breaker`` field.
+probe), and ``/ready`` says so in its ``circuit_breaker`` field.  Its
+``workers`` field says how many processes serve of how many configured
+(see L{userli_postfix.workers}), whatever the probe found.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +30,26 @@ from userli_postfix.metrics import Metrics
 from userli_postfix.userli import UserliClient
 
 READY_PROBE = "health-check.invalid"
+
+
+class Processes(Protocol):
+    """How many processes serve: L{userli_postfix.workers.WorkerPool} or L{OneProcess}."""
+
+    @property
+    def configured(self) -> int:
+        """How many serve when all run."""
+
+    @property
+    def alive(self) -> int:
+        """How many serve now."""
+
+
+@dataclass(frozen=True)
+class OneProcess:
+    """A daemon without worker processes: this one, which runs."""
+
+    configured: int = 1
+    alive: int = 1
 
 
 def _json(request: IRequest, code: int, body: dict[str, Any]) -> bytes:
@@ -62,11 +85,16 @@ class Web:
     app = Klein()
 
     def __init__(
-        self, metrics: Metrics, client: UserliClient, metricsResource: IResource | None = None
+        self,
+        metrics: Metrics,
+        client: UserliClient,
+        metricsResource: IResource | None = None,
+        processes: Processes = OneProcess(),
     ) -> None:
         self._metrics = metrics
         self._client = client
         self._metricsResource = metricsResource or MetricsPage(metrics.registry)
+        self._processes = processes
 
     @app.route("/metrics", branch=False)
     def metrics(self, request: IRequest) -> IResource:
@@ -80,23 +108,25 @@ class Web:
     def ready(self, request: IRequest) -> defer.Deferred[bytes]:
         d = self._client.domain(READY_PROBE, timeout=READY_TIMEOUT)
 
-        def breaker() -> str:
-            return "open" if self._client.breaker.isOpen else "closed"
+        def state() -> dict[str, Any]:
+            return {
+                "circuit_breaker": "open" if self._client.breaker.isOpen else "closed",
+                "workers": {
+                    "alive": self._processes.alive,
+                    "configured": self._processes.configured,
+                },
+            }
 
         def ok(_: bool) -> bytes:
             self._metrics.health_check_status.set(1)
-            return _json(request, 200, {"status": "ready", "circuit_breaker": breaker()})
+            return _json(request, 200, {"status": "ready", **state()})
 
         def unavailable(failure: Failure) -> bytes:
             self._metrics.health_check_status.set(0)
             return _json(
                 request,
                 503,
-                {
-                    "status": "unavailable",
-                    "error": str(failure.value),
-                    "circuit_breaker": breaker(),
-                },
+                {"status": "unavailable", "error": str(failure.value), **state()},
             )
 
         return d.addCallbacks(ok, unavailable)

@@ -20,15 +20,18 @@ More:
  - Only the parent serves C{/metrics}, C{/health} and C{/ready}.  Metrics
    are kept in prometheus-client's multiprocess mode, in a private directory
    the parent creates (L{metricsdir}) and removes: counters and histograms
-   add up over the live processes, and so do connection gauges; the files
-   of a process that ended are removed.
+   add up over every process that ever served (those of a process that
+   ended are kept in an archive, L{metricsdir.retire}), connection gauges
+   over the live ones.
  - A child watches a pipe from the parent (its standard input): when the
    parent goes away, however it went, the child stops serving and exits.
  - SIGTERM to the parent stops everything gracefully and in parallel: the
    parent tells each child to stop (SIGTERM) as it stops accepting itself,
    every process lets its in-flight requests finish within the grace, and
    the parent kills the children that outstay it.
- - A child that dies while the daemon runs is replaced after a pause.
+ - A child that dies while the daemon runs is replaced after a pause that
+   doubles while its replacements die young (L{restartDelay}); starting
+   one is tried again however it fails.
 
 More than one worker needs C{REDIS_URL} (checked in L{userli_postfix.config}):
 rate-limit windows and the lookup cache must be shared by all processes.
@@ -48,7 +51,12 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import abstract, defer, error, fdesc
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
@@ -58,6 +66,7 @@ import userli_postfix
 from userli_postfix import logs, metricsdir
 from userli_postfix.config import SETTINGS
 from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen, describe
+from userli_postfix.metrics import Metrics
 
 log = Logger()
 
@@ -80,12 +89,31 @@ FIRST_FD = 3
 # most (8 + 1 s), within the 10 s a container runtime waits before SIGKILL.
 STOP_MARGIN = 1.0
 
-# Pause before a child that died is replaced, so a child that cannot start
-# does not spin.
-RESPAWN_DELAY = 1.0
+#: Pause before a child that died is replaced, so that one that cannot
+#: start does not spin; it doubles with every replacement that dies young,
+#: up to L{MAX_RESTART_DELAY}.
+RESTART_DELAY = 1.0
+
+#: The longest pause between two starts of a worker that keeps dying.
+MAX_RESTART_DELAY = 60.0
+
+#: A worker that ran this long had started fine: when it ends, its
+#: replacement comes after L{RESTART_DELAY} again.
+STABLE_AFTER = 10.0
 
 # The command that starts a child: twistd, as the daemon itself is started.
 TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def restartDelay(failures: int) -> float:
+    """
+    The pause before starting a worker again when C{failures} workers in a
+    row in its place ended before L{STABLE_AFTER} (or could not be
+    started): L{RESTART_DELAY}, doubled for each, at most
+    L{MAX_RESTART_DELAY}.
+    """
+    doublings = min(max(failures, 0), 32)
+    return min(RESTART_DELAY * (1 << doublings), MAX_RESTART_DELAY)
 
 
 def inheritedListeners(environ: Mapping[str, str] = os.environ) -> dict[str, int] | None:
@@ -298,16 +326,33 @@ def _text(line: bytes) -> str:
     return line.rstrip(b"\r").decode("utf-8", "replace")
 
 
+class _Slot:
+    """
+    One of the children the pool keeps running: the one serving now, if
+    any, and how the starts in this place went.
+    """
+
+    def __init__(self) -> None:
+        self.protocol: _ChildProtocol | None = None
+        self.transport: Any = None
+        self.started = 0.0
+        # Workers in this place that ended young (or could not be started)
+        # in a row.
+        self.failures = 0
+        self.pending: IDelayedCall | None = None
+
+
 class WorkerPool(Service):
     """
     The parent's children: started once the listeners are open, replaced
-    when they die, stopped (SIGTERM, then SIGKILL after a grace period) when
-    the daemon stops.
+    when they die (after a pause that grows while they keep dying), stopped
+    (SIGTERM, then SIGKILL after a grace period) when the daemon stops.
 
     @param ports: the parent's listening ports by name, filled by
         L{RecordingEndpoint}s before this service starts.
     @param metricsDirectory: the multiprocess metrics directory, removed
         once every child has ended.
+    @param metrics: where replacements are counted.
     """
 
     def __init__(
@@ -317,6 +362,7 @@ class WorkerPool(Service):
         ports: Mapping[str, Any],
         environ: Mapping[str, str],
         grace: float,
+        metrics: Metrics,
         metricsDirectory: Path | None = None,
         executable: str = sys.executable,
         arguments: tuple[str, ...] = ("-c", TWISTD, "-n", "--pidfile=", "userli-postfix"),
@@ -326,33 +372,60 @@ class WorkerPool(Service):
         self._ports = ports
         self._environ = dict(environ)
         self._grace = grace
+        self._metrics = metrics
         self._metricsDirectory = metricsDirectory
         self._executable = executable
         self._arguments = arguments
-        self.children: dict[_ChildProtocol, Any] = {}
+        self._slots = [_Slot() for _ in range(count - 1)]
         self._stopping = False
         self._allEnded: list[defer.Deferred[None]] = []
-        self._respawns: list[Any] = []
+
+    @property
+    def configured(self) -> int:
+        """How many processes serve when all run: this one and its children."""
+        return self._count
+
+    @property
+    def alive(self) -> int:
+        """How many processes serve now: this one and its running children."""
+        return 1 + len(self.children)
+
+    @property
+    def children(self) -> dict[_ChildProtocol, Any]:
+        """The running children: their process protocols and transports."""
+        return {slot.protocol: slot.transport for slot in self._slots if slot.protocol is not None}
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
         # Once the reactor runs, this process handles SIGTERM: a stop asked
         # for while the children start up then still stops them.
-        self._reactor.callWhenRunning(self._spawnAll)
+        self._reactor.callWhenRunning(self._startAll)
 
-    def _spawnAll(self) -> None:
+    def _startAll(self) -> None:
         if self._stopping:
             return
-        for _ in range(self._count - 1):
-            self._spawn()
+        for slot in self._slots:
+            self._start(slot)
         log.info(
             "Serving with {count} worker processes (this one and {children} children)",
             count=self._count,
             children=self._count - 1,
         )
 
-    def _spawn(self) -> None:
+    def _start(self, slot: _Slot) -> None:
+        """Start a child in C{slot}; if that fails, try again after a pause."""
+        try:
+            slot.protocol, slot.transport = self._spawn(slot)
+        except Exception:
+            delay = self._later(slot)
+            log.failure(
+                "Could not start a worker process; trying again in {delay:g} s", delay=delay
+            )
+            return
+        slot.started = self._reactor.seconds()
+
+    def _spawn(self, slot: _Slot) -> tuple[_ChildProtocol, Any]:
         # Standard output and error are pipes this process reads: it logs
         # the child's lines (see L{_ChildProtocol}).
         childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
@@ -365,7 +438,7 @@ class WorkerPool(Service):
         env[LISTENERS_VARIABLE] = ",".join(names)
         if self._metricsDirectory is not None:
             env[METRICS_VARIABLE] = str(self._metricsDirectory)
-        protocol = _ChildProtocol(self._ended)
+        protocol = _ChildProtocol(lambda protocol, reason: self._ended(slot, protocol, reason))
         transport = self._reactor.spawnProcess(
             protocol,
             self._executable,
@@ -373,37 +446,56 @@ class WorkerPool(Service):
             env=env,
             childFDs=childFDs,
         )
-        self.children[protocol] = transport
+        return protocol, transport
 
-    def _ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
-        self.children.pop(protocol, None)
+    def _later(self, slot: _Slot) -> float:
+        """Start a child in C{slot} after the pause its failures call for; that pause."""
+        delay = restartDelay(slot.failures)
+        slot.failures += 1
+        slot.pending = self._reactor.callLater(delay, self._restart, slot)
+        return delay
+
+    def _restart(self, slot: _Slot) -> None:
+        # Never while stopping: the stop cancels what is pending.
+        slot.pending = None
+        self._metrics.worker_restarts.inc()
+        self._start(slot)
+        if slot.protocol is not None:
+            log.info("Worker process {pid} started", pid=slot.protocol.pid)
+
+    def _ended(self, slot: _Slot, protocol: _ChildProtocol, reason: Failure) -> None:
+        slot.protocol = slot.transport = None
         if self._metricsDirectory is not None and protocol.pid is not None:
-            forgetProcess(self._metricsDirectory, protocol.pid)
+            try:
+                metricsdir.retire(self._metricsDirectory, protocol.pid)
+            except Exception:
+                log.failure("Could not keep the metrics of worker process {pid}", pid=protocol.pid)
         if self._stopping:
             if not self.children:
                 waiting, self._allEnded = self._allEnded, []
                 for d in waiting:
                     d.callback(None)
             return
+        lived = self._reactor.seconds() - slot.started
+        if lived >= STABLE_AFTER:
+            slot.failures = 0
+        delay = self._later(slot)
         log.error(
-            "Worker process {pid} ended unexpectedly ({reason}); starting another",
+            "Worker process {pid} ended unexpectedly after {lived:.1f} s ({reason}); "
+            "starting another in {delay:g} s",
             pid=protocol.pid,
+            lived=lived,
             reason=reason.value,
+            delay=delay,
         )
-        self._respawns.append(self._reactor.callLater(RESPAWN_DELAY, self._respawn))
-
-    def _respawn(self) -> None:
-        self._respawns = [call for call in self._respawns if call.active()]
-        if not self._stopping:
-            self._spawn()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
-        for call in self._respawns:
-            if call.active():
-                call.cancel()
-        self._respawns = []
+        for slot in self._slots:
+            if slot.pending is not None and slot.pending.active():
+                slot.pending.cancel()
+            slot.pending = None
         for transport in list(self.children.values()):
             self._signal(transport, "TERM")
         if self.children:
@@ -490,54 +582,10 @@ class ParentWatch(Service):
         directory = os.environ.get(METRICS_VARIABLE)
         if directory:
             # The parent cannot remove the metrics directory any more.
-            atexit.register(_removeMetrics, Path(directory), (self._parent, os.getpid()))
+            atexit.register(
+                metricsdir.removeLeftovers, Path(directory), (self._parent, os.getpid())
+            )
         try:
             self._reactor.stop()
         except error.ReactorNotRunning:
             pass
-
-
-def forgetProcess(directory: Path, pid: int) -> None:
-    """
-    Drop the metrics of the ended process C{pid}: its live gauges through
-    prometheus-client's C{mark_process_dead}, and then its other files, so
-    that a worker that keeps crashing (and is replaced every
-    L{RESPAWN_DELAY}) does not leave a file per type and per attempt
-    behind, each read again by every scrape.
-
-    The counters and histograms of C{/metrics} then lose that process's
-    share; Prometheus reads the drop as a counter reset, as it does for a
-    restart of the daemon.
-    """
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid, str(directory))
-    for path in directory.glob(f"*_{pid}.db"):
-        path.unlink(missing_ok=True)
-
-
-def _removeMetrics(directory: Path, pids: tuple[int, ...]) -> None:
-    """
-    Remove the metrics files of C{pids} and of every process that no longer
-    runs (children that died earlier), and the directory once it is empty:
-    the last worker to exit after its parent died leaves nothing behind.
-    """
-    for path in directory.glob("*.db"):
-        pid = int(path.stem.rsplit("_", 1)[-1])
-        if pid in pids or not _running(pid):
-            path.unlink(missing_ok=True)
-    try:
-        directory.rmdir()
-    except OSError:
-        # Another worker's files are still there; the last one removes it.
-        pass
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

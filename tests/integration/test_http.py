@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 import pytest
 from prometheus_client.metrics_core import Metric
@@ -19,6 +20,13 @@ from tests.integration.harness import Daemon, http_get, netstring, postmap
 pytestmark = pytest.mark.integration
 
 PREFIX = "userli_postfix_adapter_"
+
+# /ready's body while Userli answers, for a daemon of one process.
+READY = {
+    "status": "ready",
+    "circuit_breaker": "closed",
+    "workers": {"alive": 1, "configured": 1},
+}
 
 #: compatibility.md's table: every metric, its type and its label names.
 METRICS = {
@@ -60,7 +68,7 @@ def value(families: dict[str, Metric], sample: str, **labels: str) -> float | No
     return None
 
 
-def ready(daemon: Daemon) -> tuple[int, dict[str, str]]:
+def ready(daemon: Daemon) -> tuple[int, dict[str, Any]]:
     """GET /ready: (status, decoded body)."""
     status, body = http_get(daemon.metrics_url + "/ready")
     return status, json.loads(body)
@@ -197,7 +205,7 @@ class TestHealth:
         is back; the health gauge follows.
         """
         daemon = start_daemon()
-        assert ready(daemon) == (200, {"status": "ready", "circuit_breaker": "closed"})
+        assert ready(daemon) == (200, READY)
         assert [r.raw_path for r in fake_userli.requests()] == [
             "/api/postfix/domain/health-check.invalid"
         ]
@@ -211,7 +219,7 @@ class TestHealth:
         assert value(scrape(daemon), PREFIX + "health_check_status") == 0
 
         fake_userli.set_mode(NORMAL)
-        assert ready(daemon) == (200, {"status": "ready", "circuit_breaker": "closed"})
+        assert ready(daemon) == (200, READY)
         assert value(scrape(daemon), PREFIX + "health_check_status") == 1
 
     def test_ready_bounded(self, start_daemon: StartDaemon, fake_userli: FakeUserliServer) -> None:

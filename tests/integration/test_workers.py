@@ -1,7 +1,8 @@
 """
 Worker processes (C{WORKERS=N}): several processes really serve the same
-listeners, C{/metrics} shows what all of them did, quotas are exact across
-them, and none outlives the daemon.
+listeners, C{/metrics} shows what all of them did (also after some died),
+quotas are exact across them, none outlives the daemon, one that cannot
+start is tried again calmly, and a busy first process never stalls one.
 
 Which process serves a connection is found from the outside: the socket's
 inode in C{/proc/net/tcp} and in each process's C{/proc/PID/fd}.
@@ -9,6 +10,7 @@ inode in C{/proc/net/tcp} and in each process's C{/proc/PID/fd}.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,12 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_userli import SLOW, FakeUserliServer
 from tests.integration import clients
 from tests.integration.clients import PolicyClient, SocketmapClient
 from tests.integration.conftest import DOMAIN, StartDaemon
 from tests.integration.harness import (
+    ROOT,
     Daemon,
     RedisServer,
     http_get,
@@ -197,6 +201,50 @@ def metric(url: str, name: str) -> float:
             found = True
     assert found, f"{name} not on /metrics"
     return total
+
+
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def counts(url: str) -> dict[Sample, float]:
+    """Every sample of every counter and histogram on /metrics."""
+    status, body = http_get(url)
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        if family.type in ("counter", "histogram")
+        for sample in family.samples
+    }
+
+
+def ready(daemon: Daemon) -> dict[str, object]:
+    """The body of C{/ready}."""
+    _, body = http_get(daemon.metrics_url + "/ready")
+    answer: dict[str, object] = json.loads(body)
+    return answer
+
+
+def replaced(daemon: Daemon, victim: int, listening: int) -> int:
+    """
+    Wait until the only child is a new one that listens (the C{listening}th
+    listener line); its pid.
+    """
+    wait_for(
+        lambda: len(children(daemon.pid)) == 1 and victim not in children(daemon.pid),
+        "a new worker",
+    )
+    wait_for(
+        lambda: daemon.output().count("socketmap listening on") >= listening,
+        "the new worker to listen",
+    )
+    (child,) = children(daemon.pid)
+    return child
+
+
+# A worker fails to start while this file exists (tests/integration/faults).
+FAULTS = Path(__file__).resolve().parent / "faults"
+FAULT_VARIABLE = "USERLI_POSTFIX_TEST_WORKER_FAULT"
 
 
 def end_of_message(sender: str) -> dict[str, str]:
@@ -418,3 +466,159 @@ class TestWorkers:
         status, output = run_daemon({"USERLI_TOKEN": "x"}, tmp_path, ["--workers", "0"])
         assert status != 0
         assert "WORKERS" in output
+
+
+class TestWorkersRecover:
+    """Workers that die, cannot start, or log while the first process is busy."""
+
+    def test_counts_survive_kills(
+        self, start_daemon: StartDaemon, redis_server: RedisServer
+    ) -> None:
+        """
+        With traffic on both processes, SIGKILL to the worker lowers no
+        counter and no histogram sample on /metrics, and the replacement
+        serves; five kills in a row leave in the metrics directory only the
+        live processes' files and one archive per type.
+        """
+        daemon = start_workers(start_daemon, redis_server, 2)
+        assert isinstance(daemon.socketmap, tuple)
+        url = daemon.metrics_url + "/metrics"
+        (child,) = children(daemon.pid)
+        directory = metrics_directory(child)
+        listening = 2
+        compared = 0
+        for _ in range(5):
+            owners = spread(daemon.socketmap, [daemon.pid, child], f"mailbox {ALICE}".encode())
+            for group in owners.values():
+                for connection in group:
+                    assert connection.lookup(f"domain {DOMAIN}".encode()) == b"OK 1"
+                    connection.close()
+            before = counts(url)
+            served = metric(url, "userli_postfix_adapter_requests_total")
+            os.kill(child, signal.SIGKILL)
+            listening += 1
+            child = replaced(daemon, child, listening)
+            after = counts(url)
+            lower = {k: (v, after.get(k)) for k, v in before.items() if after.get(k, -1) < v}
+            assert lower == {}, lower
+            compared += len(before)
+            assert metric(url, "userli_postfix_adapter_requests_total") == served
+        spread(daemon.socketmap, [daemon.pid, child], f"mailbox {ALICE}".encode())
+        assert metric(url, "userli_postfix_adapter_worker_restarts_total") == 5
+        owners = {path.stem.rsplit("_", 1)[1] for path in directory.iterdir()}
+        assert owners <= {str(daemon.pid), str(child), "archive"}, owners
+        # Per live process: a counter, a histogram and three kinds of gauge.
+        files = len(list(directory.iterdir()))
+        assert files <= 2 * 5 + 2
+        print(
+            f"\n5 SIGKILLs: {compared} counter and histogram samples compared, none lower; "
+            f"{metric(url, 'userli_postfix_adapter_requests_total'):.0f} lookups counted; "
+            f"{files} files in the metrics directory"
+        )
+
+    def test_worker_that_cannot_start(
+        self, start_daemon: StartDaemon, redis_server: RedisServer, tmp_path: Path
+    ) -> None:
+        """
+        A worker that cannot start is tried again after growing pauses
+        (1, 2, 4 s ...), each try counted; /ready says one process of two
+        serves; once it can start again the pool is full and serves.
+        """
+        fault = tmp_path / "fault"
+        daemon = start_workers(
+            start_daemon,
+            redis_server,
+            2,
+            env={
+                "PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT)]),
+                FAULT_VARIABLE: str(fault),
+            },
+        )
+        assert ready(daemon)["workers"] == {"alive": 2, "configured": 2}
+        url = daemon.metrics_url + "/metrics"
+        fault.write_text("")
+        (victim,) = children(daemon.pid)
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: metric(url, "userli_postfix_adapter_worker_restarts_total") >= 3,
+            "three tries to start a worker",
+        )
+        wait_for(lambda: ready(daemon)["workers"] == {"alive": 1, "configured": 2}, "/ready")
+        output = daemon.output()
+        assert "injected fault" in output
+        for delay in ("1 s", "2 s", "4 s"):
+            assert f"starting another in {delay}" in output
+        assert "starting another in 1 s" not in output.split("starting another in 2 s", 1)[1]
+        tries = metric(url, "userli_postfix_adapter_worker_restarts_total")
+        failing = time.monotonic() - killed
+        fault.unlink()
+        removed = time.monotonic()
+        wait_for(
+            lambda: (
+                ready(daemon)["workers"] == {"alive": 2, "configured": 2}
+                and daemon.output().count("socketmap listening on") == 3
+            ),
+            "the pool to be full again",
+        )
+        back = time.monotonic() - removed
+        (child,) = children(daemon.pid)
+        assert isinstance(daemon.socketmap, tuple)
+        spread(daemon.socketmap, [daemon.pid, child], f"mailbox {ALICE}".encode())
+        print(
+            f"\nA worker that cannot start: {tries:.0f} tries in {failing:.1f} s; "
+            f"the pool full again {back:.1f} s after the fault was removed"
+        )
+
+    def test_stopped_first_process(
+        self, start_daemon: StartDaemon, redis_server: RedisServer
+    ) -> None:
+        """
+        With the first process stopped (SIGSTOP) for 2 s and more, a worker
+        logging at debug level under load keeps answering (far more lines
+        than the 64 KiB pipe holds); the lines it dropped are counted, and
+        said once lines get through again.
+        """
+        daemon = start_workers(start_daemon, redis_server, 2, env={"LOG_LEVEL": "debug"})
+        assert daemon.policy is not None
+        (child,) = children(daemon.pid)
+        owners = spread(daemon.policy, [daemon.pid, child], end_of_message(ALICE))
+        worker = owners[child][0]
+        # A hung worker fails the test here rather than after 30 s.
+        worker.sock.settimeout(10)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            answered = 0
+            slowest = 0.0
+            while answered < 2000 or time.monotonic() - stopped < 2:
+                asked = time.monotonic()
+                assert worker.policy(end_of_message(ALICE)) == "DUNNO"
+                slowest = max(slowest, time.monotonic() - asked)
+                answered += 1
+            paused = time.monotonic() - stopped
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        url = daemon.metrics_url + "/metrics"
+
+        def reported() -> bool:
+            # Something to log, so the worker finds the pipe has room again.
+            worker.policy(end_of_message(ALICE))
+            notices = re.findall(
+                r"Log lines of this worker dropped while the pipe to the first process "
+                r"was full: (\d+)",
+                daemon.output(),
+            )
+            dropped = metric(url, "userli_postfix_adapter_log_lines_dropped_total")
+            return dropped > 0 and sum(int(n) for n in notices) == dropped
+
+        wait_for(reported, "the dropped lines to be counted and said")
+        print(
+            f"\nFirst process stopped {paused:.1f} s: the worker answered {answered} policy "
+            f"requests, slowest {slowest * 1000:.1f} ms; "
+            f"{metric(url, 'userli_postfix_adapter_log_lines_dropped_total'):.0f} log lines "
+            "dropped, counted and said"
+        )
+        for group in owners.values():
+            for connection in group:
+                connection.close()
