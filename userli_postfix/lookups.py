@@ -144,13 +144,16 @@ class Lookups:
         else:
             waiters.append(waiter)
 
-        def finish(reply: bytes) -> bytes:
+        def finish(reply: bytes) -> defer.Deferred[bytes] | bytes:
             cache = self._cache
-            # Waiters that shared one call and asked with the same key would
-            # each write the same entry (one Redis command apiece): the first
-            # write is enough.
-            if reply.startswith(b"OK ") and cache is not None and cache.peek(mapname, key) != reply:
-                cache.set(mapname, key, reply)
+            if reply.startswith(b"OK ") and cache is not None:
+                # Stored before it is given, as the Go program does, so the
+                # next lookup finds it, in this process and in every other
+                # on the same Redis.  Waiters that shared one call write in
+                # the same batch: one entry.
+                written = cache.set(mapname, key, reply)
+                if written is not None:
+                    return written.addCallback(lambda _: self._done(mapname, started, reply))
             return self._done(mapname, started, reply)
 
         return waiter.addCallback(finish)
