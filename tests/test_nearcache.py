@@ -123,11 +123,28 @@ class FakeRedis:
         return [c[0] for c in self.commands]
 
 
+class TrackedClock(Clock):
+    """
+    A clock that comes with a healthy tracking connection: every step
+    ends with the answer to a PING sent at its end, so the near-caches
+    registered in C{caches} may serve copies however far it is advanced.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.caches: list[NearCache] = []
+
+    def advance(self, amount: float) -> None:
+        super().advance(amount)
+        for cache in self.caches:
+            cache.trackingAlive(self.seconds())
+
+
 class NearCacheTests(SynchronousTestCase):
     """L{NearCache} on its own."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = TrackedClock()
         self.clock.advance(1000)
         self.redis = FakeRedis(self.clock)
         self.ttl = 300.0
@@ -138,6 +155,7 @@ class NearCacheTests(SynchronousTestCase):
             self.ttl,
             metrics=self.metrics,
         )
+        self.clock.caches.append(self.cache)
         self.cache.trackingStarted()
 
     def flush(self) -> None:
@@ -232,6 +250,7 @@ class NearCacheTests(SynchronousTestCase):
     def test_lookup_ttl_caps_copies(self) -> None:
         """With a short LOOKUP_CACHE_TTL, entries live LOOKUP_CACHE_TTL."""
         cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        self.clock.caches.append(cache)
         cache.trackingStarted()
         cache.set("domain", "example.org", b"OK 1")
         self.clock.advance(1.999)
@@ -245,6 +264,7 @@ class NearCacheTests(SynchronousTestCase):
         Redis drops it, though Redis got it a reactor turn later.
         """
         cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        self.clock.caches.append(cache)
         cache.trackingStarted()
         cache.set("domain", "example.org", b"OK 1")
         self.clock.advance(0.5)  # a slow turn: the write goes out half a second later
@@ -592,18 +612,23 @@ class NearCacheTests(SynchronousTestCase):
         self.assertEqual(self.cache._inflight, {})
 
 
-def _result(answer: defer.Deferred[bytes] | bytes, case: SynchronousTestCase) -> bytes:
-    return answer if isinstance(answer, bytes) else case.successResultOf(answer)
+def _result(answer: defer.Deferred[bytes] | bytes, case: LookupsWithNearCacheTests) -> bytes:
+    if isinstance(answer, bytes):
+        return answer
+    # An answer from Userli is given once its batched write has landed.
+    case.flush()
+    return case.successResultOf(answer)
 
 
 class LookupsWithNearCacheTests(SynchronousTestCase):
     """L{Lookups} in front of a L{NearCache}."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = TrackedClock()
         self.clock.advance(1000)
         self.redis = FakeRedis(self.clock)
         self.cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        self.clock.caches.append(self.cache)
         self.cache.trackingStarted()
         self.client = FakeLookupClient()
         self.metrics = Metrics(process=False)
@@ -704,6 +729,30 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         self.flush()
         self.assertEqual(self.redis.commands, [])
         self.assertEqual(self.client.calls, [])
+
+    def test_stored_before_given(self) -> None:
+        """
+        An answer from Userli is given only once Redis has it, so the next
+        lookup finds it in this process and in every other on the same
+        Redis (the Go program writes before it replies); a write that fails
+        does not hold the answer back.
+        """
+        self.redis.hold = True
+        answer = self.lookups.answer(b"mailbox a@example.org")
+        self.flush()
+        self.redis.release()  # the GET: a miss
+        self.client.answer(True)
+        self.flush()
+        self.assertEqual(self.redis.names(), ["GET", "SET"])
+        self.assertNoResult(answer)
+        self.redis.release()  # the SET lands
+        self.assertEqual(self.successResultOf(answer), b"OK 1")
+        self.redis.hold = False
+        self.redis.failing.add("SET")
+        answer = self.lookups.answer(b"mailbox b@example.org")
+        self.flush()
+        self.client.answer(True)
+        self.assertEqual(_result(answer, self), b"OK 1")
 
     def test_redis_down_still_answers(self) -> None:
         """With Redis down lookups go to the API and answers still fill the near-cache."""
