@@ -24,6 +24,7 @@ from userli_postfix.cache import (
     LIFETIME_SCRIPT,
     NEAR_CACHE_ENTRIES,
     SET_MANY_SCRIPT,
+    TRACKING_SILENCE,
     NearCache,
     RedisCache,
     cache_key,
@@ -246,6 +247,52 @@ class NearCacheTests(SynchronousTestCase):
         self.clock.advance(0.001)
         self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
         self.assertEqual(self.redis.commands, [])
+
+    def test_silent_tracking_serves_no_copies(self) -> None:
+        """
+        Copies are served only while the tracking connection has answered
+        a PING sent within the last second: past that (a connection that
+        died without a word), lookups read Redis, and see what it holds
+        now; once a later PING is answered, copies are served again.
+        """
+        cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        cache.trackingStarted()
+        cache.set("alias", "a@example.org", b"OK old@example.org")
+        self.flush()
+        self.clock.advance(TRACKING_SILENCE)
+        self.assertEqual(cache.peek("alias", "a@example.org"), b"OK old@example.org")
+        # The tracking connection falls silent; another program changes the entry.
+        self.redis.put(cache_key("alias", "a@example.org"), "OK new@example.org", 300)
+        self.clock.advance(0.001)
+        self.assertIsNone(cache.peek("alias", "a@example.org"))
+        d = cache.get("alias", "a@example.org")
+        self.flush()
+        self.assertEqual(self.successResultOf(d), b"OK new@example.org")
+        # A PING sent now is answered (the invalidation came before it).
+        cache.invalidated([cache_key("alias", "a@example.org")])
+        cache.set("alias", "b@example.org", b"OK b@example.org")
+        cache.trackingAlive(self.clock.seconds())
+        self.assertEqual(cache.peek("alias", "b@example.org"), b"OK b@example.org")
+        self.assertIsNone(cache.peek("alias", "a@example.org"))
+
+    def test_alive_counts_from_the_ping_sent(self) -> None:
+        """
+        What proves the connection alive is when the answered PING was
+        sent, not when its answer arrived: an answer that took long proves
+        only what Redis had said by then.
+        """
+        cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        cache.trackingStarted()
+        cache.set("domain", "example.org", b"OK 1")
+        sent = self.clock.seconds()
+        self.clock.advance(TRACKING_SILENCE + 0.5)
+        cache.trackingAlive(sent)
+        self.assertIsNone(cache.peek("domain", "example.org"))
+        cache.trackingAlive(self.clock.seconds() - 0.5)
+        self.assertEqual(cache.peek("domain", "example.org"), b"OK 1")
+        # An older answer arriving late does not move the proof back.
+        cache.trackingAlive(sent)
+        self.assertEqual(cache.peek("domain", "example.org"), b"OK 1")
 
     def test_lookup_ttl_caps_copies(self) -> None:
         """With a short LOOKUP_CACHE_TTL, entries live LOOKUP_CACHE_TTL."""

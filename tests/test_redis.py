@@ -23,31 +23,20 @@ from userli_postfix.redis import (
     RedisUnavailable,
     _endpoint,
     _Tracker,
-    _TrackingFactory,
 )
-
-
-class FakePoolFactory:
-    """The part of txredisapi's pool factory the client looks at."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
 
 
 class FakeConnection:
     """
-    Stands in for a txredisapi connection pool: records commands and answers
-    each with a Deferred the test controls.
+    Stands in for a ready txredisapi connection: records commands and
+    answers each with a Deferred the test controls.
     """
 
-    def __init__(self, size: int = 1) -> None:
-        self._factory = FakePoolFactory(size)
+    def __init__(self) -> None:
         self.commands: list[tuple[Any, ...]] = []
         self.answers: list[defer.Deferred[Any]] = []
         self.cancelled: list[defer.Deferred[Any]] = []
-        self.disconnected = False
         self.raiseOnExecute: Exception | None = None
-        self.disconnectError: Exception | None = None
 
     def execute_command(self, *args: Any) -> defer.Deferred[Any]:
         if self.raiseOnExecute is not None:
@@ -57,10 +46,22 @@ class FakeConnection:
         self.answers.append(d)
         return d
 
-    def disconnect(self) -> defer.Deferred[None]:
-        self.disconnected = True
-        if self.disconnectError is not None:
-            return defer.fail(self.disconnectError)
+
+class FakePool:
+    """Stands in for L{userli_postfix.connections.Pool}: its ready connections."""
+
+    def __init__(self, *ready: FakeConnection) -> None:
+        self.ready = list(ready)
+        self.stopped = False
+        self.stopError: Exception | None = None
+
+    def pick(self) -> FakeConnection | None:
+        return self.ready[0] if self.ready else None
+
+    def stop(self) -> defer.Deferred[None]:
+        self.stopped = True
+        if self.stopError is not None:
+            return defer.fail(self.stopError)
         return defer.succeed(None)
 
 
@@ -70,7 +71,8 @@ class RedisClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.connection = FakeConnection()
-        self.client = RedisClient(RedisTarget(), self.clock, connection=self.connection)
+        self.pool = FakePool(self.connection)
+        self.client = RedisClient(RedisTarget(), self.clock, pool=self.pool)
 
     def test_reply(self) -> None:
         """A command goes to Redis as given, and its reply is the result."""
@@ -95,9 +97,7 @@ class RedisClientTests(SynchronousTestCase):
 
     def test_custom_deadline(self) -> None:
         """The deadline given to the constructor is used."""
-        client = RedisClient(
-            RedisTarget(), self.clock, commandTimeout=2.0, connection=self.connection
-        )
+        client = RedisClient(RedisTarget(), self.clock, commandTimeout=2.0, pool=self.pool)
         d = client.execute("GET", "k")
         self.clock.advance(1.9)
         self.assertNoResult(d)
@@ -135,8 +135,8 @@ class RedisClientTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(inner))
 
     def test_not_connected(self) -> None:
-        """With no connection of the pool up, a command fails at once, without waiting."""
-        self.connection._factory.size = 0
+        """With no connection of the pool ready, a command fails at once, without waiting."""
+        self.pool.ready.clear()
         d = self.client.execute("GET", "k")
         self.failureResultOf(d, RedisUnavailable)
         self.assertEqual(self.connection.commands, [])
@@ -150,9 +150,9 @@ class RedisClientTests(SynchronousTestCase):
         self.failureResultOf(client.execute("GET", "k"), RedisUnavailable)
 
     def test_connected(self) -> None:
-        """The client is connected while at least one pool connection is up."""
+        """The client is connected while at least one pool connection is ready."""
         self.assertTrue(self.client.connected)
-        self.connection._factory.size = 3
+        self.pool.ready.append(FakeConnection())
         self.assertTrue(self.client.connected)
 
     def test_response_error_passed_through(self) -> None:
@@ -188,13 +188,13 @@ class RedisClientTests(SynchronousTestCase):
     def test_stop(self) -> None:
         """Stopping disconnects the pool; later commands fail at once."""
         self.successResultOf(self.client.stop())
-        self.assertTrue(self.connection.disconnected)
+        self.assertTrue(self.pool.stopped)
         self.failureResultOf(self.client.execute("GET", "k"), RedisUnavailable)
         self.successResultOf(self.client.stop())
 
     def test_stop_error_swallowed(self) -> None:
         """A failing disconnect does not fail the shutdown."""
-        self.connection.disconnectError = txredisapi.ConnectionError("gone")
+        self.pool.stopError = txredisapi.ConnectionError("gone")
         self.assertIsNone(self.successResultOf(self.client.stop()))
 
     def test_start_with_connection(self) -> None:
@@ -359,55 +359,22 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class TrackingFactoryTests(SynchronousTestCase):
-    """
-    The txredisapi hooks the tracking connection relies on: if txredisapi
-    renames or stops calling them, these fail.
-    """
-
-    def test_hooks_exist(self) -> None:
-        """txredisapi's factory has the hooks, and its subscriber protocol the message one."""
-        self.assertTrue(callable(txredisapi.RedisFactory.addConnection))
-        self.assertTrue(callable(txredisapi.RedisFactory.delConnection))
-        self.assertTrue(callable(txredisapi.SubscriberProtocol.messageReceived))
-
-    def test_message_reaches_tracker(self) -> None:
-        """An invalidation message as txredisapi parses it reaches the listener."""
-        listener = RecordingListener()
-        tracker = _Tracker("userli:lookup:", listener, Clock())
-        factory = _TrackingFactory("x", 0, 1, isLazy=True, tracker=tracker)
-        protocol = factory.buildProtocol(None)
-        protocol.replyReceived(["message", INVALIDATE_CHANNEL, ["userli:lookup:a:b"]])
-        protocol.replyReceived(["message", INVALIDATE_CHANNEL, None])
-        self.assertEqual(
-            listener.events, [("invalidated", ["userli:lookup:a:b"]), ("invalidated", None)]
-        )
-
-    def test_pool_hooks(self) -> None:
-        """A connection joining the pool starts tracking; one leaving ends it."""
-        listener = RecordingListener()
-        tracker = _Tracker("userli:lookup:", listener, Clock())
-        factory = _TrackingFactory("x", 0, 1, isLazy=True, tracker=tracker)
-        conn = FakeSubscriber()
-        conn.whenDisconnected = lambda: defer.Deferred()  # type: ignore[attr-defined]
-        factory.addConnection(conn)
-        self.assertEqual(conn.commands, [("CLIENT", "ID")])
-        factory.delConnection(conn)
-        self.assertEqual(listener.events[-1][0], "lost")
-
-
 class EndpointTests(SynchronousTestCase):
     """L{_endpoint}: Redis endpoints from Twisted's public API."""
 
     def test_tcp(self) -> None:
         """A host and port is a HostnameEndpoint (IPv4 and IPv6)."""
-        self.assertIsInstance(_endpoint(RedisTarget(host="redis", port=6379)), HostnameEndpoint)
+        self.assertIsInstance(
+            _endpoint(RedisTarget(host="redis", port=6379), Clock()), HostnameEndpoint
+        )
 
     def test_unix(self) -> None:
         """A path is a UNIX endpoint."""
-        self.assertIsInstance(_endpoint(RedisTarget(path="/run/redis.sock")), UNIXClientEndpoint)
+        self.assertIsInstance(
+            _endpoint(RedisTarget(path="/run/redis.sock"), Clock()), UNIXClientEndpoint
+        )
 
     def test_tls(self) -> None:
         """rediss:// wraps the TCP endpoint in TLS, checking the host name."""
-        endpoint = _endpoint(RedisTarget(host="redis", port=6380, tls=True))
+        endpoint = _endpoint(RedisTarget(host="redis", port=6380, tls=True), Clock())
         self.assertNotIsInstance(endpoint, HostnameEndpoint)
