@@ -10,19 +10,30 @@ from typing import Any
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.config import RedisTarget
 from userli_postfix.redis import (
     COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
     INVALIDATE_CHANNEL,
+    SENTINEL_DISCOVERY_TIMEOUT,
     TRACKING_PING,
     TRACKING_RETRY,
     RedisClient,
     RedisUnavailable,
     _endpoint,
+    _MasterEndpoint,
+    _prepare,
+    _Protocol,
+    _ProtocolFactory,
+    _Sentinels,
     _Tracker,
+    usableMaster,
 )
 
 
@@ -365,7 +376,7 @@ class EndpointTests(SynchronousTestCase):
     def test_tcp(self) -> None:
         """A host and port is a HostnameEndpoint (IPv4 and IPv6)."""
         self.assertIsInstance(
-            _endpoint(RedisTarget(host="redis", port=6379), Clock()), HostnameEndpoint
+            _endpoint(RedisTarget(host="redis", port=6379), MemoryReactorClock()), HostnameEndpoint
         )
 
     def test_unix(self) -> None:
@@ -376,5 +387,206 @@ class EndpointTests(SynchronousTestCase):
 
     def test_tls(self) -> None:
         """rediss:// wraps the TCP endpoint in TLS, checking the host name."""
-        endpoint = _endpoint(RedisTarget(host="redis", port=6380, tls=True), Clock())
+        endpoint = _endpoint(RedisTarget(host="redis", port=6380, tls=True), MemoryReactorClock())
         self.assertNotIsInstance(endpoint, HostnameEndpoint)
+
+
+def _connected(replyTimeout: float = 0) -> tuple[Any, StringTransport]:
+    """
+    txredisapi's protocol as the pool builds it (no reply timer: the
+    deadlines under test are ours), connected to a transport in memory.
+    """
+    protocol = _ProtocolFactory(_Protocol, replyTimeout).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _receive(protocol: Any, *chunks: bytes) -> None:
+    """
+    Replies in the pieces txredisapi handles within one call: after a bulk
+    string it hands the rest of a chunk to the next reactor turn.
+    """
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+
+
+class TxredisapiProtocolTests(SynchronousTestCase):
+    """
+    What the daemon relies on in txredisapi's protocol, pinned so that an
+    upgrade that changes it fails here rather than in production: built
+    with only the documented constructor arguments it is ready at once and
+    never reaches into its factory; a command on a closed connection fails
+    at once; a lost connection fails every command waiting for a reply and
+    says it is gone.
+    """
+
+    def test_ready_at_once(self) -> None:
+        """Without password and db the protocol sends nothing and is ready at once."""
+        protocol, transport = _connected()
+        self.assertEqual(transport.value(), b"")
+        self.assertIs(self.successResultOf(protocol.whenConnected()), protocol)
+        self.assertTrue(protocol.connected)
+
+    def test_reply(self) -> None:
+        """A command goes out in RESP and its reply comes back."""
+        protocol, transport = _connected()
+        d = protocol.execute_command("GET", "k")
+        self.assertEqual(transport.value(), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+        protocol.dataReceived(b"$4\r\nOK 1\r\n")
+        self.assertEqual(self.successResultOf(d), "OK 1")
+
+    def test_closed_fails_at_once(self) -> None:
+        """A command on a closed connection raises at once (the client fails it)."""
+        protocol, _transport = _connected()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertRaises(txredisapi.ConnectionError, protocol.execute_command, "GET", "k")
+
+    def test_loss_fails_waiting_commands(self) -> None:
+        """Commands waiting for a reply fail when the connection goes, and its loss is said."""
+        protocol, _transport = _connected()
+        gone = protocol.whenDisconnected()
+        d = protocol.execute_command("GET", "k")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, txredisapi.ConnectionError)
+        self.assertIs(self.successResultOf(gone), protocol)
+
+    def test_no_factory_reach_in(self) -> None:
+        """
+        The set-up never calls the factory (txredisapi's own AUTH failure
+        path calls its factory's C{stopTrying}, which ours does not have).
+        """
+        factory = _ProtocolFactory(_Protocol, 0)
+        self.assertFalse(hasattr(factory, "stopTrying"))
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.assertTrue(protocol.connected)
+
+
+class PrepareTests(SynchronousTestCase):
+    """L{_prepare}: AUTH, SELECT and the role of a Sentinel's master, bounded."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.protocol, self.transport = _connected()
+
+    def test_nothing_to_do(self) -> None:
+        """Without password, with db 0 and no Sentinel, nothing is sent."""
+        self.successResultOf(_prepare(self.protocol, self.clock))
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_auth_and_select(self) -> None:
+        """AUTH with the user name when there is one, then SELECT."""
+        d = _prepare(self.protocol, self.clock, password="pw", username="u", db=2)
+        self.assertEqual(self.transport.value(), b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$2\r\npw\r\n")
+        self.transport.clear()
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.assertEqual(self.transport.value(), b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n")
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.successResultOf(d)
+
+    def test_refused(self) -> None:
+        """An error answer to AUTH rejects the connection."""
+        d = _prepare(self.protocol, self.clock, password="wrong")
+        self.protocol.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
+        self.failureResultOf(d, txredisapi.ResponseError)
+
+    def test_hangs(self) -> None:
+        """No answer within the connect timeout rejects it."""
+        d = _prepare(self.protocol, self.clock, password="pw")
+        self.clock.advance(CONNECT_TIMEOUT - 0.01)
+        self.assertNoResult(d)
+        self.clock.advance(0.01)
+        self.failureResultOf(d, RedisUnavailable)
+
+    def test_replica_rejected(self) -> None:
+        """A server the Sentinels named that is no master (any more) is rejected."""
+        d = _prepare(self.protocol, self.clock, master=True)
+        self.assertEqual(self.transport.value(), b"*1\r\n$4\r\nROLE\r\n")
+        _receive(self.protocol, b"*2\r\n", b"$5\r\n", b"slave\r\n", b"$9\r\n", b"127.0.0.1\r\n")
+        self.assertIn("slave", str(self.failureResultOf(d, RedisUnavailable).value))
+
+    def test_master_accepted(self) -> None:
+        d = _prepare(self.protocol, self.clock, master=True)
+        _receive(self.protocol, b"*3\r\n", b"$6\r\n", b"master\r\n", b":0\r\n*0\r\n")
+        self.successResultOf(d)
+
+
+class SentinelTests(SynchronousTestCase):
+    """The master the Sentinels name."""
+
+    def test_usable_master(self) -> None:
+        """Only a master that no Sentinel thinks is down is used."""
+        base = ["name", "mymaster", "ip", "10.0.0.5", "port", 6379]
+        cases = [
+            ([*base, "flags", "master"], ("10.0.0.5", 6379)),
+            ([*base, "flags", b"master"], ("10.0.0.5", 6379)),
+            ([*base, "flags", "master,s_down"], None),
+            ([*base, "flags", "master,o_down"], None),
+            ([*base, "flags", "slave"], None),
+            (["flags", "master"], None),
+            ("ERR No such master with that name", None),
+            ([*base, "flags"], None),
+        ]
+        for state, expected in cases:
+            self.assertEqual(usableMaster(state), expected, state)
+
+    def sentinels(self, *connections: FakeConnection | None) -> tuple[_Sentinels, Clock]:
+        clock = Clock()
+        target = RedisTarget(sentinels=(("s1", 1), ("s2", 2)), master_name="m")
+        sentinels = _Sentinels(target, MemoryReactorClock(), clock, 0)
+        for pool, connection in zip(sentinels.pools, connections, strict=True):
+            if connection is not None:
+                pool.ready.append(connection)
+        return sentinels, clock
+
+    def test_first_usable_answer(self) -> None:
+        """Every reachable Sentinel is asked; the first usable answer wins."""
+        a, b = FakeConnection(), FakeConnection()
+        sentinels, _clock = self.sentinels(a, b)
+        d = sentinels.master("m")
+        self.assertEqual(a.commands, [("SENTINEL", "MASTER", "m")])
+        self.assertEqual(b.commands, [("SENTINEL", "MASTER", "m")])
+        a.answers[0].callback(["ip", "10.0.0.5", "port", "6379", "flags", "master,s_down"])
+        self.assertNoResult(d)
+        b.answers[0].callback(["ip", "10.0.0.6", "port", "6379", "flags", "master"])
+        self.assertEqual(self.successResultOf(d), ("10.0.0.6", 6379))
+
+    def test_none_usable_fails_at_once(self) -> None:
+        """When every Sentinel answered without a usable master, that is the answer at once."""
+        a, b = FakeConnection(), FakeConnection()
+        sentinels, _clock = self.sentinels(a, b)
+        d = sentinels.master("m")
+        a.answers[0].errback(txredisapi.ResponseError("ERR No such master"))
+        b.answers[0].callback(["ip", "10.0.0.5", "port", "6379", "flags", "master,o_down"])
+        self.failureResultOf(d, RedisUnavailable)
+
+    def test_silent_sentinel_bounded(self) -> None:
+        """A Sentinel that does not answer is waited for one second at most."""
+        a = FakeConnection()
+        sentinels, clock = self.sentinels(a, None)
+        d = sentinels.master("m")
+        clock.advance(SENTINEL_DISCOVERY_TIMEOUT)
+        self.failureResultOf(d, RedisUnavailable)
+
+    def test_no_sentinel_reachable(self) -> None:
+        """No Sentinel connection ready: fails at once."""
+        sentinels, _clock = self.sentinels(None, None)
+        self.failureResultOf(sentinels.master("m"), RedisUnavailable)
+
+    def test_new_master_closes_old_connections(self) -> None:
+        """
+        When the Sentinels name another master, connections to the old
+        one are closed (they are replaced by connections to the new one).
+        """
+        changed: list[tuple[str, int]] = []
+        a = FakeConnection()
+        sentinels, _clock = self.sentinels(a, None)
+        endpoint = _MasterEndpoint(sentinels, "m", MemoryReactorClock(), changed.append)
+        endpoint.connect(_ProtocolFactory(_Protocol, 0))
+        a.answers[-1].callback(["ip", "10.0.0.5", "port", "6379", "flags", "master"])
+        self.assertEqual(endpoint.address, ("10.0.0.5", 6379))
+        self.assertEqual(changed, [])
+        endpoint.connect(_ProtocolFactory(_Protocol, 0))
+        a.answers[-1].callback(["ip", "10.0.0.6", "port", "6379", "flags", "master"])
+        self.assertEqual(changed, [("10.0.0.6", 6379)])
