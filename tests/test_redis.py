@@ -250,6 +250,9 @@ class RecordingListener:
     def invalidated(self, keys: list[str] | None) -> None:
         self.events.append(("invalidated", keys))
 
+    def trackingAlive(self, sent: float) -> None:
+        self.events.append(("alive", sent))
+
 
 class FakeSubscriber:
     """A subscriber connection whose replies the test gives."""
@@ -300,17 +303,25 @@ class TrackerTests(SynchronousTestCase):
 
     def test_ping(self) -> None:
         """
-        While tracking, the connection is asked for a PING every second,
-        so a connection that died silently is noticed (txredisapi's reply
+        While tracking, the connection is asked for a PING four times a
+        second; each answer tells the listener when its PING was sent
+        (every change reported before then has arrived), so copies stop
+        being served soon after the connection falls silent, and a
+        connection that died silently is noticed (txredisapi's reply
         timeout closes it); none once it is gone.
         """
+        self.assertEqual(TRACKING_PING, 0.25)
         self.establish()
         self.clock.advance(TRACKING_PING)
         self.assertEqual(self.conn.commands[-1], ("PING",))
+        sent = self.clock.seconds()
+        self.clock.advance(0.1)
         self.conn.answers[-1].callback(["pong", ""])
+        self.assertEqual(self.listener.events[-1], ("alive", sent))
         self.clock.advance(TRACKING_PING)
         self.assertEqual(len(self.conn.commands), 5)
         self.conn.answers[-1].errback(txredisapi.TimeoutError("no reply"))
+        self.assertNotEqual(self.listener.events[-1], ("alive", self.clock.seconds()))
         self.conn.connected = 0
         self.tracker.connectionLost(self.conn)
         self.clock.advance(TRACKING_PING * 3)
