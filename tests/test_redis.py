@@ -482,7 +482,7 @@ class PrepareTests(SynchronousTestCase):
         self.protocol, self.transport = _connected()
 
     def test_nothing_to_do(self) -> None:
-        """Without password, with db 0 and no Sentinel, nothing is sent."""
+        """Without password and database (a Sentinel), nothing is sent."""
         self.successResultOf(_prepare(self.protocol, self.clock))
         self.assertEqual(self.transport.value(), b"")
 
@@ -493,6 +493,13 @@ class PrepareTests(SynchronousTestCase):
         self.transport.clear()
         self.protocol.dataReceived(b"+OK\r\n")
         self.assertEqual(self.transport.value(), b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n")
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.successResultOf(d)
+
+    def test_select_zero(self) -> None:
+        """Database 0 is selected too."""
+        d = _prepare(self.protocol, self.clock, db=0)
+        self.assertEqual(self.transport.value(), b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n")
         self.protocol.dataReceived(b"+OK\r\n")
         self.successResultOf(d)
 

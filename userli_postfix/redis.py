@@ -125,12 +125,12 @@ def _prepare(
     clock: IReactorTime,
     password: str | None = None,
     username: str | None = None,
-    db: int = 0,
+    db: int | None = None,
     master: bool = False,
     timeout: float = CONNECT_TIMEOUT,
 ) -> defer.Deferred[None]:
     """
-    Ready a new connection: C{AUTH}, C{SELECT}, and for a master named by
+    Ready a new connection: C{AUTH}, C{SELECT} (none for a Sentinel), and for a master named by
     a Sentinel a C{ROLE} that says C{master}; all within C{timeout}.  A
     failure (an error answer, no answer, a replica) rejects the connection.
     """
@@ -140,7 +140,9 @@ def _prepare(
         if password is not None:
             auth = ("AUTH", password) if username is None else ("AUTH", username, password)
             yield protocol.execute_command(*auth)
-        if db:
+        if db is not None:
+            # Also SELECT 0: its answer marks a connection as set up, to
+            # whoever reads CLIENT LIST (the last command it sent).
             yield protocol.execute_command("SELECT", db)
         if master:
             role = yield protocol.execute_command("ROLE")
