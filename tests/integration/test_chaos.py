@@ -539,3 +539,70 @@ def test_redis_restarted(
     assert daemon.running
     assert recovered < REDIS_RECOVERY, recovered
     print(f"\nRedis down {down:g} s: quotas enforced again {recovered:.1f} s after it was back")
+
+
+#: How soon after Redis is back (restarted empty, after a long outage) an
+#: answer must be stored in it again and found there: the issue's bound.
+CACHE_RECOVERY = 2.0
+
+
+def test_cache_back_after_redis_outage(
+    fake_userli: FakeUserliServer, redis_fixed: RedisServer, start_daemon: StartDaemon
+) -> None:
+    """
+    Redis is away for 15 s while lookups keep coming (long enough for any
+    growing reconnection back-off to reach its cap), then back, empty.
+    Within 2 s answers are stored in Redis again before they are given,
+    and found there: the same question asked right after costs no second
+    Userli call, neither to this daemon nor to a second one on the same
+    Redis, and is still OK when Userli fails at that very moment.
+    """
+    env = {"POSTFIX_RECIPIENT_DELIMITER": "+"}
+    first = start_daemon(env=env, redis=redis_fixed)
+    second = start_daemon(env=env, redis=redis_fixed)
+    assert first.socketmap is not None and second.socketmap is not None
+    redis_fixed.kill()
+    stop = threading.Event()
+    asked = itertools.count()
+
+    def traffic() -> None:
+        with SocketmapClient(first.socketmap) as client:  # type: ignore[arg-type]
+            while not stop.is_set():
+                reply = client.ask(b"mailbox alice+during%d@%s" % (next(asked), DOMAIN.encode()))
+                assert reply == b"OK 1", reply
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    time.sleep(15.0)
+    redis_fixed.start()
+    back = time.monotonic()
+    stop.set()
+    thread.join()
+
+    probe = 0
+    while True:
+        probe += 1
+        key = f"alice+after{probe}@{DOMAIN}"
+        with SocketmapClient(first.socketmap) as client:
+            assert client.ask(f"mailbox {key}".encode()) == b"OK 1"
+        # Written before it was given: in Redis the moment the answer is.
+        if redis_fixed.command("GET", f"userli:lookup:mailbox:{key}") == "OK 1":
+            break
+        assert time.monotonic() - back < 10.0, "the cache never came back"
+        time.sleep(0.02)
+    recovered = time.monotonic() - back
+    calls = len(fake_userli.requests("mailbox"))
+    fake_userli.set_mode(ERROR)
+    try:
+        for daemon in (second, first):
+            with SocketmapClient(daemon.socketmap) as client:  # type: ignore[arg-type]
+                assert client.ask(f"mailbox {key}".encode()) == b"OK 1"
+    finally:
+        fake_userli.set_mode(NORMAL)
+    assert len(fake_userli.requests("mailbox")) == calls
+    print(
+        f"\nRedis down 15 s under traffic ({next(asked)} lookups): answers stored and "
+        f"found again {recovered:.2f} s after it was back (probe {probe})"
+    )
+    assert recovered < CACHE_RECOVERY, recovered
