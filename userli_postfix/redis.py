@@ -199,6 +199,7 @@ class _Sentinels:
         reactor: Any,
         clock: IReactorTime,
         replyTimeout: float,
+        quiet: bool = False,
     ) -> None:
         self._clock = clock
         self.pools: list[Pool] = []
@@ -218,6 +219,7 @@ class _Sentinels:
                     _connector(endpoint, factory),
                     prepare,
                     clock,
+                    quiet=quiet,
                 )
             )
 
@@ -290,15 +292,14 @@ class _MasterEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         def found(address: tuple[str, int]) -> defer.Deferred[IProtocol]:
-            if self.address is not None and address != self.address:
+            previous, self.address = self.address, address
+            if previous is not None and address != previous:
                 log.info(
                     "The Redis Sentinels name a new master {host}:{port}",
                     host=address[0],
                     port=address[1],
                 )
-                self.address = address
                 self._changed(address)
-            self.address = address
             endpoint = HostnameEndpoint(
                 self._reactor,
                 address[0],
@@ -478,6 +479,7 @@ class RedisClient:
         pool: ConnectionPool | None = None,
         poolSize: int = POOL_SIZE,
         reactor: Any = None,
+        logOutages: bool = True,
     ) -> None:
         self.target = target
         self.clock = clock
@@ -485,6 +487,9 @@ class RedisClient:
         # One connection when every command must reach the same one (a
         # per-connection setting such as CLIENT TRACKING).
         self.poolSize = poolSize
+        # A command-line tool says in one line of its own that Redis is
+        # not reachable; the daemon logs an outage and its end.
+        self.logOutages = logOutages
         # What connects (the clock is the reactor, except in tests).
         self._reactor = clock if reactor is None else reactor
         self._pool = pool
@@ -521,7 +526,9 @@ class RedisClient:
         replyTimeout = max(2.0, self.commandTimeout * 4)
         endpoint: Any
         if t.sentinels:
-            self._sentinels = _Sentinels(t, self._reactor, self.clock, replyTimeout)
+            self._sentinels = _Sentinels(
+                t, self._reactor, self.clock, replyTimeout, quiet=not self.logOutages
+            )
             self._sentinels.start()
             endpoint = self._master = _MasterEndpoint(
                 self._sentinels, t.master_name, self._reactor, self._masterChanged
@@ -540,7 +547,14 @@ class RedisClient:
             )
 
         factory = _ProtocolFactory(_Protocol, replyTimeout)
-        pool = Pool("Redis", self.poolSize, _connector(endpoint, factory), prepare, self.clock)
+        pool = Pool(
+            "Redis",
+            self.poolSize,
+            _connector(endpoint, factory),
+            prepare,
+            self.clock,
+            quiet=not self.logOutages,
+        )
         self._pool = pool
         pool.start()
         tracker = self._tracker
