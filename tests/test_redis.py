@@ -33,6 +33,7 @@ from userli_postfix.redis import (
     _ProtocolFactory,
     _Sentinels,
     _Tracker,
+    _TrackingProtocol,
     usableMaster,
 )
 
@@ -472,6 +473,37 @@ class TxredisapiProtocolTests(SynchronousTestCase):
         protocol = factory.buildProtocol(None)
         protocol.makeConnection(StringTransport())
         self.assertTrue(protocol.connected)
+
+
+class TrackingProtocolTests(SynchronousTestCase):
+    """
+    txredisapi's subscriber protocol as the tracking connection uses it:
+    an invalidation message reaches the tracker, and a PING on the
+    subscribed connection gets its answer (RESP2 answers it as a list).
+    """
+
+    def setUp(self) -> None:
+        self.listener = RecordingListener()
+        self.tracker = _Tracker("userli:lookup:", self.listener, Clock())
+        factory = _ProtocolFactory(_TrackingProtocol, 0, self.tracker)
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(StringTransport())
+
+    def test_message_reaches_tracker(self) -> None:
+        """Key lists and a flush's null, as txredisapi parses them, reach the listener."""
+        self.protocol.replyReceived(["message", INVALIDATE_CHANNEL, ["userli:lookup:a:b"]])
+        self.protocol.replyReceived(["message", INVALIDATE_CHANNEL, None])
+        self.assertEqual(
+            self.listener.events,
+            [("invalidated", ["userli:lookup:a:b"]), ("invalidated", None)],
+        )
+
+    def test_ping_answered_while_subscribed(self) -> None:
+        """The PING that proves the connection alive gets its answer, not a message."""
+        d = self.protocol.execute_command("PING")
+        _receive(self.protocol, b"*2\r\n", b"$4\r\n", b"pong\r\n", b"$0\r\n", b"\r\n")
+        self.assertEqual(self.successResultOf(d), ["pong", ""])
+        self.assertEqual(self.listener.events, [])
 
 
 class PrepareTests(SynchronousTestCase):
