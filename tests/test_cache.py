@@ -118,9 +118,6 @@ class FakeRedis:
         self.answers.append(d)
         return d
 
-    def send(self, *command: Any) -> None:
-        self.execute(*command).addErrback(lambda failure: None)
-
 
 class RedisCacheTests(SynchronousTestCase):
     """L{RedisCache}: the Go program's layout, so both can share one Redis."""

@@ -79,6 +79,19 @@ class DictRedis:
         raise AssertionError(f"unexpected Redis command {command}")
 
 
+class OnePool:
+    """The Redis client's pool: always the one connection, ready."""
+
+    def __init__(self, connection: DictRedis) -> None:
+        self.connection = connection
+
+    def pick(self) -> DictRedis:
+        return self.connection
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
 class Stack:
     """The daemon's lookup stack on in-memory I/O."""
 
@@ -89,7 +102,7 @@ class Stack:
         client = UserliClient(http.request, "http://127.0.0.1:8000", "token", self.reactor, metrics)
         self.redis = DictRedis()
         target = RedisTarget(host="127.0.0.1", port=6379, db=0)
-        redis = RedisClient(target, self.reactor, connection=self.redis)
+        redis = RedisClient(target, self.reactor, pool=OnePool(self.redis))
         near = NearCache(RedisCache(redis, 60.0), self.reactor, 60.0, metrics=metrics)
         # What Redis confirms once client tracking is on.
         near.trackingStarted()

@@ -24,6 +24,7 @@ from userli_postfix.cache import (
     LIFETIME_SCRIPT,
     NEAR_CACHE_ENTRIES,
     SET_MANY_SCRIPT,
+    TRACKING_SILENCE,
     NearCache,
     RedisCache,
     cache_key,
@@ -112,9 +113,6 @@ class FakeRedis:
             return d
         return defer.succeed(result)
 
-    def send(self, command: str, *args: Any) -> None:
-        self.execute(command, *args).addErrback(lambda failure: None)
-
     def release(self) -> None:
         """Deliver every held reply, in order."""
         held, self.held = self.held, []
@@ -126,11 +124,28 @@ class FakeRedis:
         return [c[0] for c in self.commands]
 
 
+class TrackedClock(Clock):
+    """
+    A clock that comes with a healthy tracking connection: every step
+    ends with the answer to a PING sent at its end, so the near-caches
+    registered in C{caches} may serve copies however far it is advanced.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.caches: list[NearCache] = []
+
+    def advance(self, amount: float) -> None:
+        super().advance(amount)
+        for cache in self.caches:
+            cache.trackingAlive(self.seconds())
+
+
 class NearCacheTests(SynchronousTestCase):
     """L{NearCache} on its own."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = TrackedClock()
         self.clock.advance(1000)
         self.redis = FakeRedis(self.clock)
         self.ttl = 300.0
@@ -141,6 +156,7 @@ class NearCacheTests(SynchronousTestCase):
             self.ttl,
             metrics=self.metrics,
         )
+        self.clock.caches.append(self.cache)
         self.cache.trackingStarted()
 
     def flush(self) -> None:
@@ -232,9 +248,56 @@ class NearCacheTests(SynchronousTestCase):
         self.assertIsNone(self.cache.peek("mailbox", "a@example.org"))
         self.assertEqual(self.redis.commands, [])
 
+    def test_silent_tracking_serves_no_copies(self) -> None:
+        """
+        Copies are served only while the tracking connection has answered
+        a PING sent within the last second: past that (a connection that
+        died without a word), lookups read Redis, and see what it holds
+        now; once a later PING is answered, copies are served again.
+        """
+        cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        cache.trackingStarted()
+        cache.set("alias", "a@example.org", b"OK old@example.org")
+        self.flush()
+        self.clock.advance(TRACKING_SILENCE)
+        self.assertEqual(cache.peek("alias", "a@example.org"), b"OK old@example.org")
+        # The tracking connection falls silent; another program changes the entry.
+        self.redis.put(cache_key("alias", "a@example.org"), "OK new@example.org", 300)
+        self.clock.advance(0.001)
+        self.assertIsNone(cache.peek("alias", "a@example.org"))
+        d = cache.get("alias", "a@example.org")
+        self.flush()
+        self.assertEqual(self.successResultOf(d), b"OK new@example.org")
+        # A PING sent now is answered (the invalidation came before it).
+        cache.invalidated([cache_key("alias", "a@example.org")])
+        cache.set("alias", "b@example.org", b"OK b@example.org")
+        cache.trackingAlive(self.clock.seconds())
+        self.assertEqual(cache.peek("alias", "b@example.org"), b"OK b@example.org")
+        self.assertIsNone(cache.peek("alias", "a@example.org"))
+
+    def test_alive_counts_from_the_ping_sent(self) -> None:
+        """
+        What proves the connection alive is when the answered PING was
+        sent, not when its answer arrived: an answer that took long proves
+        only what Redis had said by then.
+        """
+        cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        cache.trackingStarted()
+        cache.set("domain", "example.org", b"OK 1")
+        sent = self.clock.seconds()
+        self.clock.advance(TRACKING_SILENCE + 0.5)
+        cache.trackingAlive(sent)
+        self.assertIsNone(cache.peek("domain", "example.org"))
+        cache.trackingAlive(self.clock.seconds() - 0.5)
+        self.assertEqual(cache.peek("domain", "example.org"), b"OK 1")
+        # An older answer arriving late does not move the proof back.
+        cache.trackingAlive(sent)
+        self.assertEqual(cache.peek("domain", "example.org"), b"OK 1")
+
     def test_lookup_ttl_caps_copies(self) -> None:
         """With a short LOOKUP_CACHE_TTL, entries live LOOKUP_CACHE_TTL."""
         cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        self.clock.caches.append(cache)
         cache.trackingStarted()
         cache.set("domain", "example.org", b"OK 1")
         self.clock.advance(1.999)
@@ -248,6 +311,7 @@ class NearCacheTests(SynchronousTestCase):
         Redis drops it, though Redis got it a reactor turn later.
         """
         cache = NearCache(RedisCache(self.redis, 2.0), self.clock, 2.0)  # type: ignore[arg-type]
+        self.clock.caches.append(cache)
         cache.trackingStarted()
         cache.set("domain", "example.org", b"OK 1")
         self.clock.advance(0.5)  # a slow turn: the write goes out half a second later
@@ -595,18 +659,23 @@ class NearCacheTests(SynchronousTestCase):
         self.assertEqual(self.cache._inflight, {})
 
 
-def _result(answer: defer.Deferred[bytes] | bytes, case: SynchronousTestCase) -> bytes:
-    return answer if isinstance(answer, bytes) else case.successResultOf(answer)
+def _result(answer: defer.Deferred[bytes] | bytes, case: LookupsWithNearCacheTests) -> bytes:
+    if isinstance(answer, bytes):
+        return answer
+    # An answer from Userli is given once its batched write has landed.
+    case.flush()
+    return case.successResultOf(answer)
 
 
 class LookupsWithNearCacheTests(SynchronousTestCase):
     """L{Lookups} in front of a L{NearCache}."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
+        self.clock = TrackedClock()
         self.clock.advance(1000)
         self.redis = FakeRedis(self.clock)
         self.cache = NearCache(RedisCache(self.redis, 300.0), self.clock, 300.0)  # type: ignore[arg-type]
+        self.clock.caches.append(self.cache)
         self.cache.trackingStarted()
         self.client = FakeLookupClient()
         self.metrics = Metrics(process=False)
@@ -707,6 +776,30 @@ class LookupsWithNearCacheTests(SynchronousTestCase):
         self.flush()
         self.assertEqual(self.redis.commands, [])
         self.assertEqual(self.client.calls, [])
+
+    def test_stored_before_given(self) -> None:
+        """
+        An answer from Userli is given only once Redis has it, so the next
+        lookup finds it in this process and in every other on the same
+        Redis (the Go program writes before it replies); a write that fails
+        does not hold the answer back.
+        """
+        self.redis.hold = True
+        answer = self.lookups.answer(b"mailbox a@example.org")
+        self.flush()
+        self.redis.release()  # the GET: a miss
+        self.client.answer(True)
+        self.flush()
+        self.assertEqual(self.redis.names(), ["GET", "SET"])
+        self.assertNoResult(answer)
+        self.redis.release()  # the SET lands
+        self.assertEqual(self.successResultOf(answer), b"OK 1")
+        self.redis.hold = False
+        self.redis.failing.add("SET")
+        answer = self.lookups.answer(b"mailbox b@example.org")
+        self.flush()
+        self.client.answer(True)
+        self.assertEqual(_result(answer, self), b"OK 1")
 
     def test_redis_down_still_answers(self) -> None:
         """With Redis down lookups go to the API and answers still fill the near-cache."""

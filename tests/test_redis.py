@@ -10,44 +10,45 @@ from typing import Any
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.config import RedisTarget
 from userli_postfix.redis import (
     COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
     INVALIDATE_CHANNEL,
+    SENTINEL_DISCOVERY_TIMEOUT,
     TRACKING_PING,
     TRACKING_RETRY,
     RedisClient,
     RedisUnavailable,
     _endpoint,
+    _MasterEndpoint,
+    _prepare,
+    _Protocol,
+    _ProtocolFactory,
+    _Sentinels,
     _Tracker,
-    _TrackingFactory,
+    _TrackingProtocol,
+    usableMaster,
 )
-
-
-class FakePoolFactory:
-    """The part of txredisapi's pool factory the client looks at."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
 
 
 class FakeConnection:
     """
-    Stands in for a txredisapi connection pool: records commands and answers
-    each with a Deferred the test controls.
+    Stands in for a ready txredisapi connection: records commands and
+    answers each with a Deferred the test controls.
     """
 
-    def __init__(self, size: int = 1) -> None:
-        self._factory = FakePoolFactory(size)
+    def __init__(self) -> None:
         self.commands: list[tuple[Any, ...]] = []
         self.answers: list[defer.Deferred[Any]] = []
         self.cancelled: list[defer.Deferred[Any]] = []
-        self.disconnected = False
         self.raiseOnExecute: Exception | None = None
-        self.disconnectError: Exception | None = None
 
     def execute_command(self, *args: Any) -> defer.Deferred[Any]:
         if self.raiseOnExecute is not None:
@@ -57,10 +58,22 @@ class FakeConnection:
         self.answers.append(d)
         return d
 
-    def disconnect(self) -> defer.Deferred[None]:
-        self.disconnected = True
-        if self.disconnectError is not None:
-            return defer.fail(self.disconnectError)
+
+class FakePool:
+    """Stands in for L{userli_postfix.connections.Pool}: its ready connections."""
+
+    def __init__(self, *ready: FakeConnection) -> None:
+        self.ready = list(ready)
+        self.stopped = False
+        self.stopError: Exception | None = None
+
+    def pick(self) -> FakeConnection | None:
+        return self.ready[0] if self.ready else None
+
+    def stop(self) -> defer.Deferred[None]:
+        self.stopped = True
+        if self.stopError is not None:
+            return defer.fail(self.stopError)
         return defer.succeed(None)
 
 
@@ -70,7 +83,8 @@ class RedisClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.connection = FakeConnection()
-        self.client = RedisClient(RedisTarget(), self.clock, connection=self.connection)
+        self.pool = FakePool(self.connection)
+        self.client = RedisClient(RedisTarget(), self.clock, pool=self.pool)
 
     def test_reply(self) -> None:
         """A command goes to Redis as given, and its reply is the result."""
@@ -95,9 +109,7 @@ class RedisClientTests(SynchronousTestCase):
 
     def test_custom_deadline(self) -> None:
         """The deadline given to the constructor is used."""
-        client = RedisClient(
-            RedisTarget(), self.clock, commandTimeout=2.0, connection=self.connection
-        )
+        client = RedisClient(RedisTarget(), self.clock, commandTimeout=2.0, pool=self.pool)
         d = client.execute("GET", "k")
         self.clock.advance(1.9)
         self.assertNoResult(d)
@@ -134,29 +146,9 @@ class RedisClientTests(SynchronousTestCase):
         inner.errback(txredisapi.ConnectionError("lost"))
         self.assertIsNone(self.successResultOf(inner))
 
-    def test_send(self) -> None:
-        """
-        A command sent without waiting goes to Redis as given and arms no
-        timer; its failure, however late, is consumed.
-        """
-        self.assertIsNone(self.client.send("SET", "k", "OK 1", "EX", 300))
-        self.assertEqual(self.connection.commands, [("SET", "k", "OK 1", "EX", 300)])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.connection.answers[0].errback(txredisapi.ConnectionError("lost"))
-        self.assertIsNone(self.successResultOf(self.connection.answers[0]))
-
-    def test_send_not_connected(self) -> None:
-        """Without a connection, or when txredisapi refuses, a command sent is dropped."""
-        self.connection._factory.size = 0
-        self.client.send("SET", "k", "v")
-        self.connection._factory.size = 1
-        self.connection.raiseOnExecute = txredisapi.ConnectionError("no")
-        self.client.send("SET", "k", "v")
-        self.assertEqual(self.connection.commands, [])
-
     def test_not_connected(self) -> None:
-        """With no connection of the pool up, a command fails at once, without waiting."""
-        self.connection._factory.size = 0
+        """With no connection of the pool ready, a command fails at once, without waiting."""
+        self.pool.ready.clear()
         d = self.client.execute("GET", "k")
         self.failureResultOf(d, RedisUnavailable)
         self.assertEqual(self.connection.commands, [])
@@ -170,9 +162,9 @@ class RedisClientTests(SynchronousTestCase):
         self.failureResultOf(client.execute("GET", "k"), RedisUnavailable)
 
     def test_connected(self) -> None:
-        """The client is connected while at least one pool connection is up."""
+        """The client is connected while at least one pool connection is ready."""
         self.assertTrue(self.client.connected)
-        self.connection._factory.size = 3
+        self.pool.ready.append(FakeConnection())
         self.assertTrue(self.client.connected)
 
     def test_response_error_passed_through(self) -> None:
@@ -208,13 +200,13 @@ class RedisClientTests(SynchronousTestCase):
     def test_stop(self) -> None:
         """Stopping disconnects the pool; later commands fail at once."""
         self.successResultOf(self.client.stop())
-        self.assertTrue(self.connection.disconnected)
+        self.assertTrue(self.pool.stopped)
         self.failureResultOf(self.client.execute("GET", "k"), RedisUnavailable)
         self.successResultOf(self.client.stop())
 
     def test_stop_error_swallowed(self) -> None:
         """A failing disconnect does not fail the shutdown."""
-        self.connection.disconnectError = txredisapi.ConnectionError("gone")
+        self.pool.stopError = txredisapi.ConnectionError("gone")
         self.assertIsNone(self.successResultOf(self.client.stop()))
 
     def test_start_with_connection(self) -> None:
@@ -258,6 +250,9 @@ class RecordingListener:
 
     def invalidated(self, keys: list[str] | None) -> None:
         self.events.append(("invalidated", keys))
+
+    def trackingAlive(self, sent: float) -> None:
+        self.events.append(("alive", sent))
 
 
 class FakeSubscriber:
@@ -309,17 +304,25 @@ class TrackerTests(SynchronousTestCase):
 
     def test_ping(self) -> None:
         """
-        While tracking, the connection is asked for a PING every second,
-        so a connection that died silently is noticed (txredisapi's reply
+        While tracking, the connection is asked for a PING four times a
+        second; each answer tells the listener when its PING was sent
+        (every change reported before then has arrived), so copies stop
+        being served soon after the connection falls silent, and a
+        connection that died silently is noticed (txredisapi's reply
         timeout closes it); none once it is gone.
         """
+        self.assertEqual(TRACKING_PING, 0.25)
         self.establish()
         self.clock.advance(TRACKING_PING)
         self.assertEqual(self.conn.commands[-1], ("PING",))
+        sent = self.clock.seconds()
+        self.clock.advance(0.1)
         self.conn.answers[-1].callback(["pong", ""])
+        self.assertEqual(self.listener.events[-1], ("alive", sent))
         self.clock.advance(TRACKING_PING)
         self.assertEqual(len(self.conn.commands), 5)
         self.conn.answers[-1].errback(txredisapi.TimeoutError("no reply"))
+        self.assertNotEqual(self.listener.events[-1], ("alive", self.clock.seconds()))
         self.conn.connected = 0
         self.tracker.connectionLost(self.conn)
         self.clock.advance(TRACKING_PING * 3)
@@ -379,55 +382,261 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class TrackingFactoryTests(SynchronousTestCase):
-    """
-    The txredisapi hooks the tracking connection relies on: if txredisapi
-    renames or stops calling them, these fail.
-    """
-
-    def test_hooks_exist(self) -> None:
-        """txredisapi's factory has the hooks, and its subscriber protocol the message one."""
-        self.assertTrue(callable(txredisapi.RedisFactory.addConnection))
-        self.assertTrue(callable(txredisapi.RedisFactory.delConnection))
-        self.assertTrue(callable(txredisapi.SubscriberProtocol.messageReceived))
-
-    def test_message_reaches_tracker(self) -> None:
-        """An invalidation message as txredisapi parses it reaches the listener."""
-        listener = RecordingListener()
-        tracker = _Tracker("userli:lookup:", listener, Clock())
-        factory = _TrackingFactory("x", 0, 1, isLazy=True, tracker=tracker)
-        protocol = factory.buildProtocol(None)
-        protocol.replyReceived(["message", INVALIDATE_CHANNEL, ["userli:lookup:a:b"]])
-        protocol.replyReceived(["message", INVALIDATE_CHANNEL, None])
-        self.assertEqual(
-            listener.events, [("invalidated", ["userli:lookup:a:b"]), ("invalidated", None)]
-        )
-
-    def test_pool_hooks(self) -> None:
-        """A connection joining the pool starts tracking; one leaving ends it."""
-        listener = RecordingListener()
-        tracker = _Tracker("userli:lookup:", listener, Clock())
-        factory = _TrackingFactory("x", 0, 1, isLazy=True, tracker=tracker)
-        conn = FakeSubscriber()
-        conn.whenDisconnected = lambda: defer.Deferred()  # type: ignore[attr-defined]
-        factory.addConnection(conn)
-        self.assertEqual(conn.commands, [("CLIENT", "ID")])
-        factory.delConnection(conn)
-        self.assertEqual(listener.events[-1][0], "lost")
-
-
 class EndpointTests(SynchronousTestCase):
     """L{_endpoint}: Redis endpoints from Twisted's public API."""
 
     def test_tcp(self) -> None:
         """A host and port is a HostnameEndpoint (IPv4 and IPv6)."""
-        self.assertIsInstance(_endpoint(RedisTarget(host="redis", port=6379)), HostnameEndpoint)
+        self.assertIsInstance(
+            _endpoint(RedisTarget(host="redis", port=6379), MemoryReactorClock()), HostnameEndpoint
+        )
 
     def test_unix(self) -> None:
         """A path is a UNIX endpoint."""
-        self.assertIsInstance(_endpoint(RedisTarget(path="/run/redis.sock")), UNIXClientEndpoint)
+        self.assertIsInstance(
+            _endpoint(RedisTarget(path="/run/redis.sock"), Clock()), UNIXClientEndpoint
+        )
 
     def test_tls(self) -> None:
         """rediss:// wraps the TCP endpoint in TLS, checking the host name."""
-        endpoint = _endpoint(RedisTarget(host="redis", port=6380, tls=True))
+        endpoint = _endpoint(RedisTarget(host="redis", port=6380, tls=True), MemoryReactorClock())
         self.assertNotIsInstance(endpoint, HostnameEndpoint)
+
+
+def _connected(replyTimeout: float = 0) -> tuple[Any, StringTransport]:
+    """
+    txredisapi's protocol as the pool builds it (no reply timer: the
+    deadlines under test are ours), connected to a transport in memory.
+    """
+    protocol = _ProtocolFactory(_Protocol, replyTimeout).buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _receive(protocol: Any, *chunks: bytes) -> None:
+    """
+    Replies in the pieces txredisapi handles within one call: after a bulk
+    string it hands the rest of a chunk to the next reactor turn.
+    """
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+
+
+class TxredisapiProtocolTests(SynchronousTestCase):
+    """
+    What the daemon relies on in txredisapi's protocol, pinned so that an
+    upgrade that changes it fails here rather than in production: built
+    with only the documented constructor arguments it is ready at once and
+    never reaches into its factory; a command on a closed connection fails
+    at once; a lost connection fails every command waiting for a reply and
+    says it is gone.
+    """
+
+    def test_ready_at_once(self) -> None:
+        """Without password and db the protocol sends nothing and is ready at once."""
+        protocol, transport = _connected()
+        self.assertEqual(transport.value(), b"")
+        self.assertIs(self.successResultOf(protocol.whenConnected()), protocol)
+        self.assertTrue(protocol.connected)
+
+    def test_reply(self) -> None:
+        """A command goes out in RESP and its reply comes back."""
+        protocol, transport = _connected()
+        d = protocol.execute_command("GET", "k")
+        self.assertEqual(transport.value(), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+        protocol.dataReceived(b"$4\r\nOK 1\r\n")
+        self.assertEqual(self.successResultOf(d), "OK 1")
+
+    def test_closed_fails_at_once(self) -> None:
+        """A command on a closed connection raises at once (the client fails it)."""
+        protocol, _transport = _connected()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertRaises(txredisapi.ConnectionError, protocol.execute_command, "GET", "k")
+
+    def test_loss_fails_waiting_commands(self) -> None:
+        """Commands waiting for a reply fail when the connection goes, and its loss is said."""
+        protocol, _transport = _connected()
+        gone = protocol.whenDisconnected()
+        d = protocol.execute_command("GET", "k")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, txredisapi.ConnectionError)
+        self.assertIs(self.successResultOf(gone), protocol)
+
+    def test_no_factory_reach_in(self) -> None:
+        """
+        The set-up never calls the factory (txredisapi's own AUTH failure
+        path calls its factory's C{stopTrying}, which ours does not have).
+        """
+        factory = _ProtocolFactory(_Protocol, 0)
+        self.assertFalse(hasattr(factory, "stopTrying"))
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.assertTrue(protocol.connected)
+
+
+class TrackingProtocolTests(SynchronousTestCase):
+    """
+    txredisapi's subscriber protocol as the tracking connection uses it:
+    an invalidation message reaches the tracker, and a PING on the
+    subscribed connection gets its answer (RESP2 answers it as a list).
+    """
+
+    def setUp(self) -> None:
+        self.listener = RecordingListener()
+        self.tracker = _Tracker("userli:lookup:", self.listener, Clock())
+        factory = _ProtocolFactory(_TrackingProtocol, 0, self.tracker)
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(StringTransport())
+
+    def test_message_reaches_tracker(self) -> None:
+        """Key lists and a flush's null, as txredisapi parses them, reach the listener."""
+        self.protocol.replyReceived(["message", INVALIDATE_CHANNEL, ["userli:lookup:a:b"]])
+        self.protocol.replyReceived(["message", INVALIDATE_CHANNEL, None])
+        self.assertEqual(
+            self.listener.events,
+            [("invalidated", ["userli:lookup:a:b"]), ("invalidated", None)],
+        )
+
+    def test_ping_answered_while_subscribed(self) -> None:
+        """The PING that proves the connection alive gets its answer, not a message."""
+        d = self.protocol.execute_command("PING")
+        _receive(self.protocol, b"*2\r\n", b"$4\r\n", b"pong\r\n", b"$0\r\n", b"\r\n")
+        self.assertEqual(self.successResultOf(d), ["pong", ""])
+        self.assertEqual(self.listener.events, [])
+
+
+class PrepareTests(SynchronousTestCase):
+    """L{_prepare}: AUTH, SELECT and the role of a Sentinel's master, bounded."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.protocol, self.transport = _connected()
+
+    def test_nothing_to_do(self) -> None:
+        """Without password and database (a Sentinel), nothing is sent."""
+        self.successResultOf(_prepare(self.protocol, self.clock))
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_auth_and_select(self) -> None:
+        """AUTH with the user name when there is one, then SELECT."""
+        d = _prepare(self.protocol, self.clock, password="pw", username="u", db=2)
+        self.assertEqual(self.transport.value(), b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$2\r\npw\r\n")
+        self.transport.clear()
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.assertEqual(self.transport.value(), b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n")
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.successResultOf(d)
+
+    def test_select_zero(self) -> None:
+        """Database 0 is selected too."""
+        d = _prepare(self.protocol, self.clock, db=0)
+        self.assertEqual(self.transport.value(), b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n")
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.successResultOf(d)
+
+    def test_refused(self) -> None:
+        """An error answer to AUTH rejects the connection."""
+        d = _prepare(self.protocol, self.clock, password="wrong")
+        self.protocol.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
+        self.failureResultOf(d, txredisapi.ResponseError)
+
+    def test_hangs(self) -> None:
+        """No answer within the connect timeout rejects it."""
+        d = _prepare(self.protocol, self.clock, password="pw")
+        self.clock.advance(CONNECT_TIMEOUT - 0.01)
+        self.assertNoResult(d)
+        self.clock.advance(0.01)
+        self.failureResultOf(d, RedisUnavailable)
+
+    def test_replica_rejected(self) -> None:
+        """A server the Sentinels named that is no master (any more) is rejected."""
+        d = _prepare(self.protocol, self.clock, master=True)
+        self.assertEqual(self.transport.value(), b"*1\r\n$4\r\nROLE\r\n")
+        _receive(self.protocol, b"*2\r\n", b"$5\r\n", b"slave\r\n", b"$9\r\n", b"127.0.0.1\r\n")
+        self.assertIn("slave", str(self.failureResultOf(d, RedisUnavailable).value))
+
+    def test_master_accepted(self) -> None:
+        d = _prepare(self.protocol, self.clock, master=True)
+        _receive(self.protocol, b"*3\r\n", b"$6\r\n", b"master\r\n", b":0\r\n*0\r\n")
+        self.successResultOf(d)
+
+
+class SentinelTests(SynchronousTestCase):
+    """The master the Sentinels name."""
+
+    def test_usable_master(self) -> None:
+        """Only a master that no Sentinel thinks is down is used."""
+        base = ["name", "mymaster", "ip", "10.0.0.5", "port", 6379]
+        cases = [
+            ([*base, "flags", "master"], ("10.0.0.5", 6379)),
+            ([*base, "flags", b"master"], ("10.0.0.5", 6379)),
+            ([*base, "flags", "master,s_down"], None),
+            ([*base, "flags", "master,o_down"], None),
+            ([*base, "flags", "slave"], None),
+            (["flags", "master"], None),
+            ("ERR No such master with that name", None),
+            ([*base, "flags"], None),
+        ]
+        for state, expected in cases:
+            self.assertEqual(usableMaster(state), expected, state)
+
+    def sentinels(self, *connections: FakeConnection | None) -> tuple[_Sentinels, Clock]:
+        clock = Clock()
+        target = RedisTarget(sentinels=(("s1", 1), ("s2", 2)), master_name="m")
+        sentinels = _Sentinels(target, MemoryReactorClock(), clock, 0)
+        for pool, connection in zip(sentinels.pools, connections, strict=True):
+            if connection is not None:
+                pool.ready.append(connection)
+        return sentinels, clock
+
+    def test_first_usable_answer(self) -> None:
+        """Every reachable Sentinel is asked; the first usable answer wins."""
+        a, b = FakeConnection(), FakeConnection()
+        sentinels, _clock = self.sentinels(a, b)
+        d = sentinels.master("m")
+        self.assertEqual(a.commands, [("SENTINEL", "MASTER", "m")])
+        self.assertEqual(b.commands, [("SENTINEL", "MASTER", "m")])
+        a.answers[0].callback(["ip", "10.0.0.5", "port", "6379", "flags", "master,s_down"])
+        self.assertNoResult(d)
+        b.answers[0].callback(["ip", "10.0.0.6", "port", "6379", "flags", "master"])
+        self.assertEqual(self.successResultOf(d), ("10.0.0.6", 6379))
+
+    def test_none_usable_fails_at_once(self) -> None:
+        """When every Sentinel answered without a usable master, that is the answer at once."""
+        a, b = FakeConnection(), FakeConnection()
+        sentinels, _clock = self.sentinels(a, b)
+        d = sentinels.master("m")
+        a.answers[0].errback(txredisapi.ResponseError("ERR No such master"))
+        b.answers[0].callback(["ip", "10.0.0.5", "port", "6379", "flags", "master,o_down"])
+        self.failureResultOf(d, RedisUnavailable)
+
+    def test_silent_sentinel_bounded(self) -> None:
+        """A Sentinel that does not answer is waited for one second at most."""
+        a = FakeConnection()
+        sentinels, clock = self.sentinels(a, None)
+        d = sentinels.master("m")
+        clock.advance(SENTINEL_DISCOVERY_TIMEOUT)
+        self.failureResultOf(d, RedisUnavailable)
+
+    def test_no_sentinel_reachable(self) -> None:
+        """No Sentinel connection ready: fails at once."""
+        sentinels, _clock = self.sentinels(None, None)
+        self.failureResultOf(sentinels.master("m"), RedisUnavailable)
+
+    def test_new_master_closes_old_connections(self) -> None:
+        """
+        When the Sentinels name another master, connections to the old
+        one are closed (they are replaced by connections to the new one).
+        """
+        changed: list[tuple[str, int]] = []
+        a = FakeConnection()
+        sentinels, _clock = self.sentinels(a, None)
+        endpoint = _MasterEndpoint(sentinels, "m", MemoryReactorClock(), changed.append)
+        endpoint.connect(_ProtocolFactory(_Protocol, 0))
+        a.answers[-1].callback(["ip", "10.0.0.5", "port", "6379", "flags", "master"])
+        self.assertEqual(endpoint.address, ("10.0.0.5", 6379))
+        self.assertEqual(changed, [])
+        endpoint.connect(_ProtocolFactory(_Protocol, 0))
+        a.answers[-1].callback(["ip", "10.0.0.6", "port", "6379", "flags", "master"])
+        self.assertEqual(changed, [("10.0.0.6", 6379)])

@@ -35,6 +35,15 @@ NEAR_CACHE_ENTRIES = 5_000
 # Redis to report changes of.
 CACHE_PREFIX = "userli:lookup:"
 
+# Copies are served only while the tracking connection has proved, within
+# this many seconds, that it still hears Redis (a PING answered, see
+# L{userli_postfix.redis.TRACKING_PING}): a connection that died without a
+# word (a partition, a moved address) would otherwise let copies outlive a
+# change for the seconds it takes to notice.  So a copy is at most this old
+# in the worst case; past it, every lookup reads Redis until the connection
+# answers again or is replaced.
+TRACKING_SILENCE = 1.0
+
 
 def cache_key(mapname: str, key: str) -> str:
     """The Go program's Redis key for a cached answer."""
@@ -45,17 +54,22 @@ class LookupCache(Protocol):
     """
     Where OK answers are kept.  C{get} fires with the reply or C{None}, or
     fails when the backend is unreachable (the caller counts that and treats
-    it as a miss); C{set} never fails and keeps the entry for C{ttl}
-    seconds (C{None}: the cache's own lifetime).  C{peek} answers at once
-    from what this process holds (C{None} when it would have to ask
-    elsewhere), so a hot key costs no Deferred and no round trip.
+    it as a miss); C{set} never fails, keeps the entry for C{ttl} seconds
+    (C{None}: the cache's own lifetime), and returns a Deferred that fires
+    once the answer is stored where every process finds it (C{None} when it
+    is at once), so the caller can reply after that, as the Go program
+    does.  C{peek} answers at once from what this process holds (C{None}
+    when it would have to ask elsewhere), so a hot key costs no Deferred and
+    no round trip.
     """
 
     def peek(self, mapname: str, key: str) -> bytes | None: ...
 
     def get(self, mapname: str, key: str) -> defer.Deferred[bytes | None]: ...
 
-    def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None: ...
+    def set(
+        self, mapname: str, key: str, reply: bytes, ttl: float | None = None
+    ) -> defer.Deferred[None] | None: ...
 
 
 class MemoryCache:
@@ -203,30 +217,35 @@ class RedisCache:
             return ("EX", int(ttl))
         return ("PX", max(1, int(ttl * 1000)))
 
-    def setMany(self, items: list[tuple[str, str, bytes]], ttl: float | None = None) -> None:
+    def setMany(
+        self, items: list[tuple[str, str, bytes]], ttl: float | None = None
+    ) -> defer.Deferred[None]:
         """
         Store several answers in one command (a script of C{SET}s with the
         same expiry as L{set}); a single answer is a plain C{SET}.  Never
-        fails.
+        fails; fires once Redis answered (or did not, within the deadline).
         """
         if len(items) == 1:
-            self.set(*items[0], ttl=ttl)
-            return
+            return self.set(*items[0], ttl=ttl)
         lifetime = self._ttl if ttl is None else ttl
         if lifetime <= 0:
-            return
+            return defer.succeed(None)
         args = [cache_key(mapname, key) for mapname, key, _ in items]
         args += [reply.decode("utf-8") for _, _, reply in items]
-        self._redis.send("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry(lifetime))
+        d = self._redis.execute("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry(lifetime))
+        return d.addCallbacks(lambda _: None, lambda failure: None)
 
-    def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None:
+    def set(
+        self, mapname: str, key: str, reply: bytes, ttl: float | None = None
+    ) -> defer.Deferred[None]:
         lifetime = self._ttl if ttl is None else ttl
         if lifetime <= 0:
-            return
-        # A failed write only means the next lookup asks the API again.
-        self._redis.send(
+            return defer.succeed(None)
+        d = self._redis.execute(
             "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry(lifetime)
         )
+        # A failed write only means the next lookup asks the API again.
+        return d.addCallbacks(lambda _: None, lambda failure: None)
 
 
 class NearCache:
@@ -240,9 +259,14 @@ class NearCache:
     expiry, eviction, a flush) by anyone, and the copy is dropped within
     milliseconds.  Until then, and from the moment tracking may have
     lapsed (the subscriber connection closed, Redis refused tracking), no
-    copy is kept or served: every lookup reads Redis.  So an answer served
-    from here is always one Redis would serve, and Redis stays the one
-    shared cache of every process and of the Go program.
+    copy is kept or served: every lookup reads Redis.  And copies are
+    served only while the subscriber connection has answered a PING sent
+    within the last L{TRACKING_SILENCE} seconds, proof that every change
+    Redis reported before then has arrived: a connection that died
+    silently stops serving copies within that bound, long before its
+    death is noticed.  So an answer served from here is one Redis served
+    at most that long ago, and Redis stays the one shared cache of every
+    process and of the Go program.
 
     A value read from Redis is copied only when nothing could have changed
     it unheard since the read was sent: no invalidation of that key, no
@@ -254,7 +278,9 @@ class NearCache:
 
     What goes to Redis is batched: the reads of one reactor turn are one
     C{MGET}, its writes one script call, so a burst of cache misses costs a
-    few Redis commands instead of two per lookup.
+    few Redis commands instead of two per lookup.  L{set} fires once its
+    batch is written, so that the answer is in Redis, for every process,
+    before it is given.
 
     @param ttl: the longest any copy is kept: the longest lifetime that
         entries are written with.
@@ -274,9 +300,12 @@ class NearCache:
         self._reads: list[tuple[str, str, defer.Deferred[bytes | None]]] = []
         # (map, key) -> (reply, lifetime); None: the backend's own.
         self._writes: dict[tuple[str, str], tuple[bytes, float | None]] = {}
+        self._written: list[defer.Deferred[None]] = []
         self._flushCall: IDelayedCall | None = None
         self._gauge = metrics.near_cache_coherent if metrics is not None else None
         self._coherent = False
+        # When the last PING was sent that the tracking connection answered.
+        self._provenAt = float("-inf")
         # Every event that can make a read stale gets the next number: a
         # read sent at number n may be copied only if no event about its
         # key (nor a global one) is numbered above n.
@@ -302,6 +331,7 @@ class NearCache:
     def trackingStarted(self) -> None:
         """Redis reports every change from now on: copies may be kept again."""
         self._dropAll()
+        self._provenAt = self._clock.seconds()
         if not self._coherent:
             self._coherent = True
             if self._gauge is not None:
@@ -320,6 +350,11 @@ class NearCache:
                 "every lookup reads Redis",
                 reason=reason,
             )
+
+    def trackingAlive(self, sent: float) -> None:
+        """A PING sent at C{sent} was answered: every change before it has been heard."""
+        if sent > self._provenAt:
+            self._provenAt = sent
 
     def invalidated(self, keys: list[str] | None) -> None:
         """Redis says these keys (C{None}: all of them) changed."""
@@ -358,10 +393,12 @@ class NearCache:
     # LookupCache
 
     def peek(self, mapname: str, key: str) -> bytes | None:
+        if self._clock.seconds() - self._provenAt > TRACKING_SILENCE:
+            return None
         return self._near.peek(mapname, key)
 
     def get(self, mapname: str, key: str) -> defer.Deferred[bytes | None]:
-        reply = self._near.peek(mapname, key)
+        reply = self.peek(mapname, key)
         if reply is not None:
             return defer.succeed(reply)
         waiter: defer.Deferred[bytes | None] = defer.Deferred()
@@ -369,13 +406,18 @@ class NearCache:
         self._schedule()
         return waiter
 
-    def set(self, mapname: str, key: str, reply: bytes, ttl: float | None = None) -> None:
+    def set(
+        self, mapname: str, key: str, reply: bytes, ttl: float | None = None
+    ) -> defer.Deferred[None]:
         if self._coherent:
             # What Redis will hold a moment later; a change by anyone
             # after that is reported and drops it.
             self._near.set(mapname, key, reply, self._backend.ttl if ttl is None else ttl)
         self._writes[mapname, key] = (reply, ttl)
+        written: defer.Deferred[None] = defer.Deferred()
+        self._written.append(written)
         self._schedule()
+        return written
 
     def _schedule(self) -> None:
         if self._flushCall is None:
@@ -386,14 +428,21 @@ class NearCache:
         self._flushCall = None
         reads, self._reads = self._reads, []
         writes, self._writes = self._writes, {}
+        written, self._written = self._written, []
         if writes:
             # One command per lifetime: the lookup cache's, and the few
             # entries written with another (see L{userli_postfix.remote}).
             batches: dict[float | None, list[tuple[str, str, bytes]]] = {}
             for (m, k), (reply, ttl) in writes.items():
                 batches.setdefault(ttl, []).append((m, k, reply))
-            for ttl, items in batches.items():
-                self._backend.setMany(items, ttl)
+
+            def landed(_: object) -> None:
+                for waiter in written:
+                    waiter.callback(None)
+
+            defer.gatherResults(
+                [self._backend.setMany(items, ttl) for ttl, items in batches.items()]
+            ).addCallback(landed)
         if not reads:
             return
         asked = self._clock.seconds()

@@ -41,6 +41,11 @@ def _ok_flag(value: bool) -> bytes:
     return b"OK 1" if value else NOTFOUND
 
 
+def _fire(waiters: list[defer.Deferred[bytes]], reply: bytes) -> None:
+    for waiter in waiters:
+        waiter.callback(reply)
+
+
 class Lookups:
     """
     Answers socketmap lookups from the cache and the Userli API.
@@ -70,7 +75,8 @@ class Lookups:
         self._metrics = metrics
         self._clock = clock
         self._delimiter = delimiter
-        self._inflight: dict[tuple[str, str], list[defer.Deferred[bytes]]] = {}
+        # (map, normalised key) -> the waiters, each with its key as sent.
+        self._inflight: dict[tuple[str, str], list[tuple[str, defer.Deferred[bytes]]]] = {}
         self._series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
         self._cacheSeries: dict[tuple[str, str], Callable[[], None]] = {}
         self._remoteSeries: dict[str, Callable[[], None]] = {}
@@ -211,29 +217,16 @@ class Lookups:
     ) -> defer.Deferred[bytes]:
         item = (mapname, normalised)
         waiters = self._inflight.get(item)
-        waiter: defer.Deferred[bytes]
+        waiter: defer.Deferred[bytes] = defer.Deferred()
         if waiters is None:
-            # The first asker waits on the call itself; those who ask the
-            # same while it runs get a Deferred each, fired by _release.
-            self._inflight[item] = []
-            waiter = call(normalised)
-            waiter.addCallback(render)
-            waiter.addErrback(self._temporary, mapname)
-            waiter.addCallback(self._release, item)
+            self._inflight[item] = [(key, waiter)]
+            d: defer.Deferred[Any] = call(normalised)
+            d.addCallback(render)
+            d.addErrback(self._temporary, mapname)
+            d.addCallback(self._release, item)
         else:
-            waiter = defer.Deferred()
-            waiters.append(waiter)
-
-        def finish(reply: bytes) -> bytes:
-            cache = self._cache
-            # Waiters that shared one call and asked with the same key would
-            # each write the same entry (one Redis command apiece): the first
-            # write is enough.
-            if reply.startswith(b"OK ") and cache is not None and cache.peek(mapname, key) != reply:
-                cache.set(mapname, key, reply)
-            return self._done(mapname, started, reply)
-
-        return waiter.addCallback(finish)
+            waiters.append((key, waiter))
+        return waiter.addCallback(lambda reply: self._done(mapname, started, reply))
 
     def _temporary(self, failure: Failure, mapname: str) -> bytes:
         # While the circuit breaker is open, it has said so once; a line per
@@ -242,13 +235,24 @@ class Lookups:
             log.warn("Userli {map} lookup failed: {error}", map=mapname, error=failure.value)
         return b"TEMP Userli API unavailable"
 
-    def _release(self, reply: bytes, item: tuple[str, str]) -> bytes:
+    def _release(self, reply: bytes, item: tuple[str, str]) -> None:
+        mapname = item[0]
         if len(reply) > MAX_REPLY:
-            log.error("Userli {map} answer too long for Postfix", map=item[0])
+            log.error("Userli {map} answer too long for Postfix", map=mapname)
             reply = b"TEMP answer too long for Postfix"
-        for waiter in self._inflight.pop(item):
-            waiter.callback(reply)
-        return reply
+        byKey: dict[str, list[defer.Deferred[bytes]]] = {}
+        for key, waiter in self._inflight.pop(item):
+            byKey.setdefault(key, []).append(waiter)
+        cache = self._cache if reply.startswith(b"OK ") else None
+        for key, waiters in byKey.items():
+            # Stored before it is given, as the Go program does, so the
+            # next lookup finds it, in this process and in every other on
+            # the same Redis; once per spelling, however many shared it.
+            written = cache.set(mapname, key, reply) if cache is not None else None
+            if written is None:
+                _fire(waiters, reply)
+            else:
+                written.addCallback(lambda _, ws: _fire(ws, reply), waiters)
 
     def _cacheResult(self, handler: str, result: str) -> None:
         inc = self._cacheSeries.get((handler, result))

@@ -254,8 +254,8 @@ class RedisServer:
         L{RedisReplyError}.
         """
         with socket.create_connection(("127.0.0.1", self.port), timeout=5.0) as s:
-            s.sendall(_encode_command(args))
-            return _RespReader(s).read()
+            s.sendall(encode_command(args))
+            return RespReader(s).read()
 
 
 # What a daemon's Redis connection sends before it is ready (CLIENT LIST's
@@ -311,7 +311,8 @@ class RedisReplyError(Exception):
     """Redis answered a command with an error."""
 
 
-def _encode_command(args: Sequence[str | bytes | int]) -> bytes:
+def encode_command(args: Sequence[str | bytes | int]) -> bytes:
+    """One command in RESP, as a client sends it."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
@@ -319,7 +320,7 @@ def _encode_command(args: Sequence[str | bytes | int]) -> bytes:
     return b"".join(parts)
 
 
-class _RespReader:
+class RespReader:
     """Just enough of RESP2 to read a reply."""
 
     def __init__(self, sock: socket.socket) -> None:

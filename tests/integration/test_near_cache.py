@@ -8,13 +8,16 @@ no copy is served; while it holds, a hot key costs no Redis command at all.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.fake_userli import FakeUserliServer
-from tests.integration.conftest import DOMAIN, StartDaemon
+from tests.integration.conftest import DOMAIN, StartDaemon, userli_data
 from tests.integration.harness import (
     Daemon,
     RedisServer,
@@ -22,7 +25,7 @@ from tests.integration.harness import (
     socketmap_query,
     wait_for,
 )
-from userli_postfix.cache import cache_key
+from userli_postfix.cache import TRACKING_SILENCE, cache_key
 
 pytestmark = pytest.mark.integration
 
@@ -167,6 +170,27 @@ class TestLost:
         wait_for(lambda: coherent(daemon), "tracking to come back", deadline=10.0)
         redis_server.command("SET", KEY, f"OK {ALICE}", "EX", "300")
         wait_for(lambda: lookup(daemon) == b"OK " + ALICE.encode(), "the change", deadline=5.0)
+
+    def test_silent_tracking_connection(
+        self, daemon: Daemon, fake_userli: FakeUserliServer, redis_server: RedisServer
+    ) -> None:
+        """
+        Redis falls silent without closing anything (frozen, as behind a
+        partition): a little over a second later no copy is served any
+        more, long before the silent connection is given up (its PING
+        times out after 2 s).  The lookup reads Redis, which does not
+        answer, and asks Userli, which has changed the alias meanwhile.
+        """
+        warm(daemon, fake_userli, redis_server)
+        data = userli_data()
+        data.aliases[ALIAS] = [BOB]
+        fake_userli.set_data(data)
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            time.sleep(TRACKING_SILENCE + 0.15)
+            assert lookup(daemon) == b"OK " + BOB.encode()
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
 
     def test_redis_restart(
         self, daemon: Daemon, fake_userli: FakeUserliServer, redis_server: RedisServer

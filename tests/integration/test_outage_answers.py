@@ -18,7 +18,7 @@ import pytest
 from tests.fake_userli import ERROR, NORMAL, SLOW, FakeUserliServer
 from tests.integration.clients import PolicyClient, end_of_message
 from tests.integration.conftest import DOMAIN, StartDaemon, userli_data
-from tests.integration.harness import Daemon, http_get, socketmap_query, wait_for
+from tests.integration.harness import Daemon, free_port, http_get, socketmap_query, wait_for
 from userli_postfix.breaker import FAILURES_TO_OPEN
 
 pytestmark = pytest.mark.integration
@@ -139,6 +139,31 @@ class TestBreaker:
         )
         # The issue's bound (2 s) with room for a busy machine.
         assert recovered < 4.0, recovered
+
+    def test_refused_answered_at_once(self, start_daemon: StartDaemon) -> None:
+        """
+        A Userli that refuses connections (nothing listens on its port, on
+        either address of localhost): every lookup is TEMP at once, from
+        the first one, before the breaker opens as after; a refused
+        connection is known at once.
+        """
+        closed = free_port()
+        daemon = start_daemon(
+            env={"USERLI_BASE_URL": f"http://localhost:{closed}", "LOOKUP_CACHE_TTL": "0"}
+        )
+        times = []
+        for n in range(FAILURES_TO_OPEN * 2):
+            started = time.monotonic()
+            reply = lookup(daemon, b"mailbox refused-%d@%s" % (n, DOMAIN.encode()))
+            times.append(time.monotonic() - started)
+            assert reply.startswith(b"TEMP"), reply
+        print(
+            "\nUserli refusing: lookups answered TEMP in "
+            + ", ".join(f"{t * 1000:.0f}" for t in times)
+            + " ms"
+        )
+        # A generous bound for a busy machine; before, each took 0.3-0.6 s.
+        assert max(times[:FAILURES_TO_OPEN]) < 0.2, times
 
     def test_fast_errors_never_open(
         self, start_daemon: StartDaemon, fake_userli: FakeUserliServer

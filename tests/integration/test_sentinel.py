@@ -16,7 +16,10 @@ without restarting the daemon:
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import threading
 import time
@@ -29,7 +32,15 @@ import pytest
 from tests.fake_userli import FakeUserliServer, UserliData
 from tests.integration.clients import PolicyClient, SocketmapClient, end_of_message
 from tests.integration.conftest import DOMAIN, StartDaemon, userli_data
-from tests.integration.harness import STARTUP_DEADLINE, Daemon, RedisServer, http_get, wait_for
+from tests.integration.harness import (
+    STARTUP_DEADLINE,
+    Daemon,
+    RedisServer,
+    RespReader,
+    encode_command,
+    http_get,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -350,3 +361,77 @@ def near_cache_coherent(daemon: Daemon) -> bool:
     status, body = http_get(daemon.metrics_url + "/metrics")
     assert status == 200
     return b"\nuserli_postfix_adapter_near_cache_coherent 1.0\n" in body
+
+
+class LockedSentinel(SentinelServer):
+    """A Sentinel that requires a password (C{requirepass}), asked with it."""
+
+    PASSWORD = "sentinel-secret"
+
+    def __init__(self, directory: Path, master_port: int) -> None:
+        super().__init__(directory, master_port, quorum=1)
+        with open(self.config, "a") as config:
+            config.write(f"requirepass {self.PASSWORD}\n")
+
+    @property
+    def process_id(self) -> int:
+        assert self._sentinel is not None
+        return self._sentinel.pid
+
+    def command(self, *args: str | bytes | int) -> object:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5.0) as s:
+            s.sendall(encode_command(("AUTH", self.PASSWORD)) + encode_command(args))
+            reader = RespReader(s)
+            assert reader.read() == "OK"
+            return reader.read()
+
+
+def test_sentinel_auth_hangs(
+    tmp_path: Path, fake_userli: FakeUserliServer, start_daemon: StartDaemon
+) -> None:
+    """
+    The only Sentinel is frozen when the daemon starts: it accepts the
+    connection (the kernel does) but never answers its AUTH, which times
+    out, again and again.  Once the Sentinel answers, the daemon finds
+    the master by itself, without a restart: lookups are cached on it and
+    the near-cache follows it.
+    """
+    master = RedisServer(tmp_path / "master")
+    master.start()
+    sentinel = LockedSentinel(tmp_path / "sentinel", master.port)
+    try:
+        sentinel.start()
+        wait_for(lambda: sentinel.master() is not None, "the Sentinel to know the master")
+        os.kill(sentinel.process_id, signal.SIGSTOP)
+        daemon = start_daemon(
+            env={
+                "REDIS_SENTINEL_ADDRS": f"127.0.0.1:{sentinel.port}",
+                "REDIS_SENTINEL_MASTER": MASTER_NAME,
+                "REDIS_SENTINEL_PASSWORD": LockedSentinel.PASSWORD,
+            }
+        )
+        assert daemon.socketmap is not None and not isinstance(daemon.socketmap, str)
+        # Several AUTH timeouts (2 s each) while the Sentinel is frozen.
+        time.sleep(7.0)
+        os.kill(sentinel.process_id, signal.SIGCONT)
+        thawed = time.monotonic()
+        cached = f"userli:lookup:alias:info@{DOMAIN}"
+
+        def found_master() -> bool:
+            with SocketmapClient(daemon.socketmap) as client:  # type: ignore[arg-type]
+                reply = client.ask(b"alias info@" + DOMAIN.encode())
+                assert reply == b"OK alice@" + DOMAIN.encode()
+            return master.command("GET", cached) is not None
+
+        wait_for(found_master, "the daemon to find the master once the Sentinel answers", 20.0)
+        wait_for(lambda: near_cache_coherent(daemon), "client tracking on the master", 20.0)
+        print(
+            f"\nSentinel AUTH hung 7 s: master used {time.monotonic() - thawed:.1f} s "
+            "after the Sentinel answered again"
+        )
+        assert "Traceback" not in daemon.output()
+    finally:
+        if sentinel.running:
+            os.kill(sentinel.process_id, signal.SIGCONT)
+        sentinel.stop()
+        master.kill()

@@ -93,7 +93,9 @@ class Tools:
         it cannot connect within L{REDIS_CONNECT_DEADLINE}.
         """
         assert self.config.redis is not None
-        redis = RedisClient(self.config.redis, self.clock, poolSize=poolSize or POOL_SIZE)
+        redis = RedisClient(
+            self.config.redis, self.clock, poolSize=poolSize or POOL_SIZE, logOutages=False
+        )
         redis.start()
         give_up = self.clock.seconds() + REDIS_CONNECT_DEADLINE
         while not redis.connected:
