@@ -27,7 +27,7 @@ from userli_postfix.dovecotauth import (
     Verdict,
     Withdraw,
     handshake,
-    reply,
+    reply_line,
 )
 
 ALICE = "alice@example.org"
@@ -119,12 +119,12 @@ class ReplyTests(SynchronousTestCase):
     def test_replies(self) -> None:
         """Each verdict gives its line; tabs and line ends inside fields become spaces."""
         for verdict, line in self.CASES:
-            self.assertEqual(reply("1", verdict), line, verdict)
+            self.assertEqual(reply_line("1", verdict), line, verdict)
 
     def test_idSanitised(self) -> None:
         """A request id with a TAB cannot add a field to the reply."""
         self.assertEqual(
-            reply("1\t2", Verdict(INVALID)), b"FAIL\t1 2\treason=authentication failed"
+            reply_line("1\t2", Verdict(INVALID)), b"FAIL\t1 2\treason=authentication failed"
         )
 
 

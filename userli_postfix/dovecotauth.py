@@ -139,7 +139,7 @@ class Verdict:
         return self.result == SUCCESS
 
 
-def reply(request_id: str, verdict: Verdict) -> bytes:
+def reply_line(request_id: str, verdict: Verdict) -> bytes:
     """The C{OK} or C{FAIL} line that answers request C{request_id}."""
     if verdict.ok:
         assert verdict.user is not None
@@ -196,7 +196,7 @@ class Withdraw:
 class Unsupported:
     """
     Output: an AUTH for a mechanism we do not offer.  No login attempt,
-    so it is answered at once, with L{reply} of the verdict for it.
+    so it is answered at once, with L{reply_line} of the verdict for it.
     """
 
     request_id: str
@@ -287,7 +287,7 @@ class Conversation:
         if self._deciding.get(ask.request_id) is not ask:
             return None
         del self._deciding[ask.request_id]
-        return reply(ask.request_id, verdict)
+        return reply_line(ask.request_id, verdict)
 
     def close(self) -> None:
         """The connection is gone: stop every timer and forget every request."""
@@ -316,7 +316,7 @@ class Conversation:
         request_id = _field(fields[0]) if fields else ""
         if len(fields) < 2 or not request_id or not fields[1]:
             if request_id:
-                out.append(reply(request_id, Verdict(ERROR, reason=REASON_BAD_REQUEST)))
+                out.append(reply_line(request_id, Verdict(ERROR, reason=REASON_BAD_REQUEST)))
             else:
                 log.warn("Ignoring an AUTH request without an id")
             return
@@ -360,7 +360,7 @@ class Conversation:
                 )
             else:
                 log.debug("SASL CONT for unknown or expired request {id}", id=_shown(request_id))
-                out.append(reply(request_id, Verdict(ERROR, reason=REASON_EXPIRED)))
+                out.append(reply_line(request_id, Verdict(ERROR, reason=REASON_EXPIRED)))
             return
         if exchange.timer.active():
             exchange.timer.cancel()

@@ -33,7 +33,7 @@ from userli_postfix.dovecotauth import (
     Verdict,
     Withdraw,
     handshake,
-    reply,
+    reply_line,
 )
 from userli_postfix.listeners import MAX_CONNECTIONS, ConnectionMixin, LimitedFactory
 from userli_postfix.logins import Authenticator, LoginQueue
@@ -138,8 +138,9 @@ class SASLServerProtocol(ConnectionMixin, LineReceiver):
                 self.logins.withdraw(output.ask)
             elif isinstance(output, Unsupported):
                 verdict = self.factory.authenticator.unsupported(output.remote)
-                self._send(reply(output.request_id, verdict))
+                self._send(reply_line(output.request_id, verdict))
             else:
+                # Hangup: the client speaks another protocol version.
                 self.transport.loseConnection()
         # Any line is activity: the idle time starts anew when nothing is
         # being decided, and a draining connection may now be done.
