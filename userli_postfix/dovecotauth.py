@@ -153,7 +153,7 @@ def reply_line(request_id: str, verdict: Verdict) -> bytes:
     return b"\t".join(fields)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Credentials:
     """A login to decide: what the client sent, decoded."""
 
@@ -164,7 +164,7 @@ class Credentials:
     remote: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unreadable:
     """A login whose credentials could not be read (bad base64, bad PLAIN, not UTF-8)."""
 
@@ -173,7 +173,7 @@ class Unreadable:
     remote: str
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Ask:
     """
     Output: decide this login and hand the verdict to
@@ -185,14 +185,14 @@ class Ask:
     question: Credentials | Unreadable
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Withdraw:
     """Output: the answer to C{ask} is no longer wanted; do not start it if it waits its turn."""
 
     ask: Ask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unsupported:
     """
     Output: an AUTH for a mechanism we do not offer.  No login attempt,
@@ -386,21 +386,15 @@ class Conversation:
         out: list[Output],
     ) -> None:
         """Take the client's answer at C{stage} of an exchange."""
-
-        def ask(question: Credentials | Unreadable) -> None:
-            asked = Ask(request_id, question)
-            self._deciding[request_id] = asked
-            out.append(asked)
-
         decoded = decode_base64(data)
         if decoded is None:
-            ask(Unreadable(mechanism, REASON_BAD_BASE64, remote))
+            self._ask(request_id, Unreadable(mechanism, REASON_BAD_BASE64, remote), out)
             return
         if stage == "username":
             try:
                 name = decoded.decode("utf-8")
             except UnicodeDecodeError:
-                ask(Unreadable(mechanism, REASON_BAD_UTF8, remote))
+                self._ask(request_id, Unreadable(mechanism, REASON_BAD_UTF8, remote), out)
                 return
             self._wait(request_id, mechanism, "password", remote, _PASSWORD_CHALLENGE, name, out)
             return
@@ -410,7 +404,7 @@ class Conversation:
         else:
             parts = parse_plain(decoded)
             if parts is None:
-                ask(Unreadable(mechanism, REASON_BAD_PLAIN, remote))
+                self._ask(request_id, Unreadable(mechanism, REASON_BAD_PLAIN, remote), out)
                 return
             authzid, login_bytes, password_bytes = parts
         try:
@@ -419,9 +413,15 @@ class Conversation:
             if login_bytes is not None:
                 login = login_bytes.decode("utf-8")
         except UnicodeDecodeError:
-            ask(Unreadable(mechanism, REASON_BAD_UTF8, remote))
+            self._ask(request_id, Unreadable(mechanism, REASON_BAD_UTF8, remote), out)
             return
-        ask(Credentials(mechanism, login, password, authz, remote))
+        self._ask(request_id, Credentials(mechanism, login, password, authz, remote), out)
+
+    def _ask(self, request_id: str, question: Credentials | Unreadable, out: list[Output]) -> None:
+        """Ask for a decision; only the latest L{Ask} of an id is ever answered."""
+        asked = Ask(request_id, question)
+        self._deciding[request_id] = asked
+        out.append(asked)
 
     def _wait(
         self,

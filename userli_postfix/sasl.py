@@ -130,10 +130,10 @@ class SASLServerProtocol(ConnectionMixin, LineReceiver):
         if not line:
             return
         for output in self.conversation.receive(line):
-            if isinstance(output, bytes):
-                self._send(output)
-            elif isinstance(output, Ask):
+            if isinstance(output, Ask):
                 self.logins.add(output)
+            elif isinstance(output, bytes):
+                self._send(output)
             elif isinstance(output, Withdraw):
                 self.logins.withdraw(output.ask)
             elif isinstance(output, Unsupported):
