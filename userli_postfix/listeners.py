@@ -177,7 +177,8 @@ class ConnectionMixin(TimeoutMixin):
                 self.pauseReading()
         else:
             self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
-            self.closeIfDrained()
+            if self.factory.draining:
+                self.closeIfDrained()
         if self._paused and pending < self.maxPending // 2 and not self.disconnected:
             self._paused = False
             self.resumeReading()
