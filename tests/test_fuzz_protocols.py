@@ -40,13 +40,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fake_userli import TOKEN, FakeUserli, FakeUserliResource, ReceivedRequest, UserliData
 from userli_postfix.addresses import normalise_address, normalise_domain
+from userli_postfix.dovecotauth import EXCHANGE_TIMEOUT
+from userli_postfix.dovecotauth import MAX_LINE as SASL_MAX_LINE
+from userli_postfix.logins import Authenticator
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.policy import MAX_LINE as POLICY_MAX_LINE
 from userli_postfix.policy import PolicyFactory, PolicyProtocol, QuotaPolicy
 from userli_postfix.ratelimit import MemoryRateLimiter
-from userli_postfix.sasl import EXCHANGE_TIMEOUT, Authenticator, SASLFactory, SASLServerProtocol
-from userli_postfix.sasl import MAX_LINE as SASL_MAX_LINE
+from userli_postfix.sasl import SASLFactory, SASLServerProtocol
 from userli_postfix.socketmap import MAX_REQUEST, SocketmapFactory, SocketmapProtocol
 from userli_postfix.userli import UserliClient
 

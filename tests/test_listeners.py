@@ -21,6 +21,7 @@ from userli_postfix.listeners import (
     MAX_CONNECTIONS,
     MAX_PIPELINED,
     REFUSAL_REPORT_INTERVAL,
+    ConnectionMixin,
     LimitedFactory,
     ReplyQueue,
     ServingMixin,
@@ -472,3 +473,123 @@ class DrainTests(ListenerTestCase):
         self.factory.answer(b"a")
         self.assertEqual(transport.value(), b"A\nb\n")
         self.assertTrue(transport.disconnecting)
+
+
+class CountingServer(ConnectionMixin, LineReceiver):
+    """
+    A protocol that answers out of order, as SASL does, on the bare
+    L{ConnectionMixin}: C{begin} and C{end} open and finish a pending
+    request, C{hold} and C{release} something a drain must also wait for.
+    It pauses at 4 pending requests, with LineReceiver's own pause.
+    """
+
+    delimiter = b"\n"
+    maxPending = 4
+
+    def connectionMade(self) -> None:
+        self.count = 0
+        self.held = 0
+        super().connectionMade()
+
+    @property
+    def pending(self) -> int:
+        return self.count
+
+    @property
+    def outstanding(self) -> int:
+        return self.count + self.held
+
+    def pauseReading(self) -> None:
+        self.pauseProducing()  # type: ignore[no-untyped-call]
+
+    def resumeReading(self) -> None:
+        self.resumeProducing()  # type: ignore[no-untyped-call]
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"begin":
+            self.count += 1
+            self.pendingChanged()
+        elif line == b"hold":
+            self.held += 1
+        elif line == b"release":
+            self.held -= 1
+            self.closeIfDrained()
+        self.transport.write(line + b"\n")
+
+    def end(self) -> None:
+        """Finish one pending request, as an answer arriving later would."""
+        self.count -= 1
+        self.pendingChanged()
+
+
+class ConnectionMixinTests(ListenerTestCase):
+    """
+    L{ConnectionMixin} serves a protocol that counts its own pending
+    requests, its own threshold, pause and outstanding work.
+    """
+
+    def connectCounting(self) -> tuple[CountingServer, StringTransport]:
+        factory = self.makeFactory()
+        factory.protocol = CountingServer
+        self.factory = factory
+        protocol = factory.buildProtocol(ADDRESS)
+        assert isinstance(protocol, CountingServer)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_pending_stops_idle_timer(self) -> None:
+        """
+        While a request is pending the connection is never idle; once none
+        is, the idle timer starts afresh.
+        """
+        protocol, transport = self.connectCounting()
+        protocol.dataReceived(b"begin\n")
+        self.clock.advance(self.idle * 10)
+        self.assertFalse(transport.disconnecting)
+        protocol.end()
+        self.clock.advance(self.idle - 0.001)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.001)
+        self.assertTrue(transport.disconnecting)
+
+    def test_own_threshold_and_pause(self) -> None:
+        """
+        Reading stops at the protocol's C{maxPending}, through its own pause
+        (lines already received wait too), and resumes below half of it,
+        parsing what was received meanwhile.
+        """
+        protocol, transport = self.connectCounting()
+        protocol.dataReceived(b"begin\n" * 4 + b"hold\n")
+        self.assertTrue(protocol.paused)
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(transport.value(), b"begin\n" * 4)
+        protocol.end()
+        protocol.end()
+        self.assertTrue(protocol.paused)
+        protocol.end()
+        self.assertFalse(protocol.paused)
+        self.assertEqual(transport.value(), b"begin\n" * 4 + b"hold\n")
+        self.assertEqual(protocol.held, 1)
+
+    def test_drain_waits_for_outstanding(self) -> None:
+        """
+        A drain closes a connection only when nothing is outstanding, which
+        may be more than the pending requests.
+        """
+        protocol, transport = self.connectCounting()
+        protocol.dataReceived(b"hold\nbegin\n")
+        self.factory.drain(5.0)
+        self.assertFalse(transport.disconnecting)
+        protocol.end()
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"release\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_nothing_after_close(self) -> None:
+        """A change reported after the connection went away arms no timer."""
+        protocol, _transport = self.connectCounting()
+        protocol.dataReceived(b"begin\n")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        protocol.end()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -32,18 +32,15 @@ from tests.fake_userli import (
     UserliData,
 )
 from userli_postfix.config import Config
+from userli_postfix.dovecotauth import EXCHANGE_TIMEOUT, MAX_LINE, parse_plain, sanitise
+from userli_postfix.logins import Authenticator
 from userli_postfix.metrics import Metrics
 from userli_postfix.sasl import (
-    EXCHANGE_TIMEOUT,
     IDLE_TIMEOUT,
-    MAX_LINE,
     MAX_QUEUED,
-    Authenticator,
     SASLFactory,
     SASLServerProtocol,
     makeSASLFactory,
-    parse_plain,
-    sanitise,
 )
 from userli_postfix.userli import UserliClient
 

@@ -1,6 +1,7 @@
 """
-What every listener shares: a connection limit, in-order replies, an idle
-timeout, and a graceful drain at shutdown.
+What every listener shares: a connection limit, an idle timeout,
+back-pressure, a graceful drain at shutdown, and in-order replies for the
+protocols that answer in request order.
 
 Socketmap, policy and SASL protocols differ only in framing and in the
 decision they ask for; the connection discipline lives here, once.
@@ -103,18 +104,25 @@ class ReplyQueue:
             self._on_change()
 
 
-class ServingMixin(TimeoutMixin):
+class ConnectionMixin(TimeoutMixin):
     """
-    Mixed into each listener's protocol, before its framing base class.
+    Mixed into each listener's protocol, before its framing base class: the
+    connection's life as every listener lives it.
 
-    Subclasses call L{reply} with the answer (or a Deferred of it) to each
-    request; the mixin keeps replies in order, applies back-pressure,
-    restarts the idle timer when the connection has nothing outstanding, and
-    tells the factory about the connection's life.
+    Subclasses say how many requests are waiting for their answer
+    (L{pending}) and call L{pendingChanged} whenever that number changes;
+    the mixin then applies back-pressure, stops the idle timer while
+    anything is pending and restarts it when nothing is, closes the
+    connection once a drain finds it with nothing outstanding, and tells
+    the factory about the connection's life.
     """
 
     factory: LimitedFactory
     transport: Any
+
+    # Pending requests at which the connection stops being read; reading
+    # resumes below half of this.
+    maxPending = MAX_PIPELINED
 
     def idleTimeout(self) -> float | None:
         """Seconds a connection may wait for a request while nothing is outstanding."""
@@ -122,52 +130,65 @@ class ServingMixin(TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
-        self.replies = ReplyQueue(
-            self._writeReply, self._repliesChanged, lambda: self.transport.loseConnection()
-        )
+        self.disconnected = False
         self._paused = False
         self.factory.connectionOpened(self)
         self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
         super().connectionMade()  # type: ignore[misc]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self.replies.closed = True
+        self.disconnected = True
         self.setTimeout(None)  # type: ignore[no-untyped-call]
         self.factory.connectionClosed(self)
         super().connectionLost(reason)  # type: ignore[misc]
 
-    def _writeReply(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def reply(self, answer: defer.Deferred[bytes] | bytes) -> None:
-        """Queue the answer to the request just parsed."""
-        self.replies.add(answer)
+    @property
+    def pending(self) -> int:
+        """Requests received whose answer is still to be written."""
+        raise NotImplementedError
 
     @property
     def outstanding(self) -> int:
-        """Requests received and not yet answered on this connection."""
-        return len(self.replies)
+        """
+        What a drain waits for before closing the connection: the pending
+        requests, unless a protocol has more to finish.
+        """
+        return self.pending
 
-    def _repliesChanged(self) -> None:
-        if self.replies.closed:
+    def pauseReading(self) -> None:
+        """Stop reading from the client (back-pressure)."""
+        self.transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        """Read from the client again."""
+        self.transport.resumeProducing()
+
+    def pendingChanged(self) -> None:
+        """Apply the idle timer, back-pressure and drain to the number now pending."""
+        if self.disconnected:
             # An answer that came after the client left: arming the idle
             # timer would keep this dead connection alive until it fires.
             return
-        pending = len(self.replies)
+        pending = self.pending
         if pending:
-            # The idle timer runs on while requests are outstanding, and
+            # The idle timer runs on while requests are pending, and
             # L{timeoutConnection} spares such a connection: cheaper than
             # cancelling a timer and making a new one for every request.
-            if pending >= MAX_PIPELINED and not self._paused:
+            if pending >= self.maxPending and not self._paused:
                 self._paused = True
-                self.transport.pauseProducing()
+                self.pauseReading()
         else:
             self.setTimeout(self.idleTimeout())  # type: ignore[no-untyped-call]
             if self.factory.draining:
-                self.transport.loseConnection()
-        if self._paused and pending < MAX_PIPELINED // 2 and not self.replies.closed:
+                self.closeIfDrained()
+        if self._paused and pending < self.maxPending // 2 and not self.disconnected:
             self._paused = False
-            self.transport.resumeProducing()
+            self.resumeReading()
+
+    def closeIfDrained(self) -> None:
+        """Close the connection if a drain has begun and nothing is outstanding."""
+        if self.factory.draining and not self.disconnected and not self.outstanding:
+            self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         if self.outstanding:
@@ -177,6 +198,37 @@ class ServingMixin(TimeoutMixin):
             return
         log.debug("Closing idle connection")
         self.transport.loseConnection()
+
+
+class ServingMixin(ConnectionMixin):
+    """
+    L{ConnectionMixin} for protocols whose replies leave in request order.
+
+    Subclasses call L{reply} with the answer (or a Deferred of it) to each
+    request; the mixin keeps replies in order and counts as pending every
+    reply not yet written.
+    """
+
+    def connectionMade(self) -> None:
+        self.replies = ReplyQueue(
+            self._writeReply, self.pendingChanged, lambda: self.transport.loseConnection()
+        )
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.replies.closed = True
+        super().connectionLost(reason)
+
+    def _writeReply(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def reply(self, answer: defer.Deferred[bytes] | bytes) -> None:
+        """Queue the answer to the request just parsed."""
+        self.replies.add(answer)
+
+    @property
+    def pending(self) -> int:
+        return len(self.replies)
 
 
 class LimitedFactory(Factory[Protocol]):
@@ -197,7 +249,7 @@ class LimitedFactory(Factory[Protocol]):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.connections: set[ServingMixin] = set()
+        self.connections: set[ConnectionMixin] = set()
         self.draining = False
         self._active = active
         self._usage = usage
@@ -230,11 +282,11 @@ class LimitedFactory(Factory[Protocol]):
         self._lastReport = now
         self._unreported = 0
 
-    def connectionOpened(self, protocol: ServingMixin) -> None:
+    def connectionOpened(self, protocol: ConnectionMixin) -> None:
         self.connections.add(protocol)
         self._updateGauges()
 
-    def connectionClosed(self, protocol: ServingMixin) -> None:
+    def connectionClosed(self, protocol: ConnectionMixin) -> None:
         self.connections.discard(protocol)
         self._updateGauges()
         if not self.connections:

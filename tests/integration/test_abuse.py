@@ -397,10 +397,11 @@ class InProcessIdleTimeoutTests(TestCase):
 
         from tests.fake_userli import FakeUserli, FakeUserliResource
         from tests.integration.conftest import userli_data
+        from userli_postfix.logins import Authenticator
         from userli_postfix.metrics import Metrics
         from userli_postfix.policy import PolicyFactory, QuotaPolicy
         from userli_postfix.ratelimit import MemoryRateLimiter
-        from userli_postfix.sasl import Authenticator, SASLFactory
+        from userli_postfix.sasl import SASLFactory
         from userli_postfix.userli import UserliClient
 
         raise_open_file_limit(4 * self.COUNT + 1024)
