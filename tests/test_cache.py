@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.cache import MemoryCache, RedisCache, cache_key
-from userli_postfix.redis import RedisUnavailable
+from userli_postfix.redisclient import RedisUnavailable
 
 
 class MemoryCacheTests(SynchronousTestCase):

@@ -34,11 +34,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.cache import NearCache, RedisCache
 from userli_postfix.config import RedisTarget
+from userli_postfix.httpclient import makeHTTPClient
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
-from userli_postfix.redis import RedisClient
+from userli_postfix.redisclient import RedisClient
 from userli_postfix.socketmap import SocketmapFactory, netstring
-from userli_postfix.transport import makeHTTPClient
 from userli_postfix.userli import UserliClient
 
 # Calls of functions defined in userli_postfix, per uncached lookup.

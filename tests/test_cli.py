@@ -720,8 +720,8 @@ class LogTests(SynchronousTestCase):
         stream = io.StringIO()
         observer = cliObserver(level, "text", stream)
         Logger(namespace="userli_postfix.cli.commands", observer=observer).info("reset done")
-        Logger(namespace="userli_postfix.redis", observer=observer).info("Using Redis")
-        Logger(namespace="userli_postfix.redis", observer=observer).warn("Redis trouble")
+        Logger(namespace="userli_postfix.redisclient", observer=observer).info("Using Redis")
+        Logger(namespace="userli_postfix.redisclient", observer=observer).warn("Redis trouble")
         return stream.getvalue()
 
     def test_commandEventsOnly(self) -> None:

@@ -22,7 +22,7 @@ from tests.doubles import FakeLookupClient
 from userli_postfix.cache import MemoryCache
 from userli_postfix.lookups import MAX_REPLY, Lookups
 from userli_postfix.metrics import Metrics
-from userli_postfix.redis import RedisUnavailable
+from userli_postfix.redisclient import RedisUnavailable
 from userli_postfix.userli import UserliClient, UserliError
 
 

@@ -31,13 +31,13 @@ from userli_postfix.cache import (
 )
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
-from userli_postfix.redis import RedisUnavailable
+from userli_postfix.redisclient import RedisUnavailable
 from userli_postfix.userli import UserliError
 
 
 class FakeRedis:
     """
-    The part of L{userli_postfix.redis.RedisClient} the cache uses, over a
+    The part of L{userli_postfix.redisclient.RedisClient} the cache uses, over a
     dict with expiry times on C{clock}.
 
     @ivar commands: every command sent, in order.

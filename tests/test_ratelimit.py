@@ -41,7 +41,7 @@ from userli_postfix.ratelimit import (
     unix_ns,
     window_key,
 )
-from userli_postfix.redis import RedisClient, RedisUnavailable
+from userli_postfix.redisclient import RedisClient, RedisUnavailable
 from userli_postfix.userli import Quota
 
 # A realistic wall-clock start (November 2023), so that nanosecond scores

@@ -21,7 +21,7 @@ from tests.doubles import FakeLookupClient
 from userli_postfix.config import Config
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
-from userli_postfix.redis import RedisUnavailable
+from userli_postfix.redisclient import RedisUnavailable
 from userli_postfix.smtpprobe import HostReport
 from userli_postfix.tlspolicy import (
     ANSWER_DEADLINE,

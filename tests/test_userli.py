@@ -31,8 +31,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from userli_postfix import __version__
+from userli_postfix.httpclient import makeHTTPClient
 from userli_postfix.metrics import Metrics
-from userli_postfix.transport import makeHTTPClient
 from userli_postfix.userli import MAX_BODY, AuthResult, Quota, UserliClient, UserliError
 
 BASE = "http://userli.test"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import struct
 import tempfile
 from pathlib import Path
@@ -26,13 +25,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import userli_postfix
+from tests.test_endpoints import FakePort
 from tests.test_logs import Pipe
-from tests.test_metricsdir import readTotals, writeMetrics
+from tests.test_multiprocess import readTotals, writeMetrics
 from userli_postfix.config import MAX_WORKERS, Config, ConfigError
-from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen
 from userli_postfix.logs import workerObserver
 from userli_postfix.metrics import Metrics
-from userli_postfix.metricsdir import ARCHIVE
+from userli_postfix.multiprocess import ARCHIVE
 from userli_postfix.workers import (
     LISTENERS_VARIABLE,
     MAX_LINE,
@@ -41,14 +40,11 @@ from userli_postfix.workers import (
     RESTART_DELAY,
     STABLE_AFTER,
     STOP_MARGIN,
-    AdoptedEndpoint,
-    RecordingEndpoint,
     WorkerPool,
     _ChildProtocol,
     childEnvironment,
     inheritedListeners,
     restartDelay,
-    sharedEndpoint,
 )
 
 
@@ -131,40 +127,6 @@ class InheritanceTests(SynchronousTestCase):
         self.assertEqual(again["PYTHONPATH"], env["PYTHONPATH"])
 
 
-class FakePort:
-    """A listening port with a file descriptor."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
-
-
-class FakeEndpoint:
-    """A server endpoint that 'listens' at once on a L{FakePort}."""
-
-    def __init__(self, port: FakePort) -> None:
-        self.port = port
-
-    def listen(self, factory: Any) -> defer.Deferred[Any]:
-        return defer.succeed(self.port)
-
-
-class RecordingEndpointTests(SynchronousTestCase):
-    """L{RecordingEndpoint} keeps the parent's ports for the children."""
-
-    def test_records(self) -> None:
-        """The port the wrapped endpoint opens is recorded under the listener name."""
-        ports: dict[str, Any] = {}
-        port = FakePort(7)
-        result = self.successResultOf(
-            RecordingEndpoint(FakeEndpoint(port), "socketmap", ports).listen(object())  # type: ignore[arg-type]
-        )
-        self.assertIs(result, port)
-        self.assertEqual(ports, {"socketmap": port})
-
-
 class FakeProcessReactor(Clock):
     """A clock that records spawned processes instead of starting them."""
 
@@ -172,7 +134,6 @@ class FakeProcessReactor(Clock):
         super().__init__()
         self.spawned: list[dict[str, Any]] = []
         self.whenRunning: list[Any] = []
-        self.adopted: list[tuple[int, int, Any]] = []
         # What spawnProcess raises, while set (fork failing, no memory).
         self.failing: Exception | None = None
         self.failed = 0
@@ -197,10 +158,6 @@ class FakeProcessReactor(Clock):
         )
         protocol.makeConnection(process)
         return process
-
-    def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:
-        self.adopted.append((fd, family, factory))
-        return FakePort(fd)
 
 
 class FakeProcess:
@@ -589,158 +546,6 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(self.pool.alive, 3)
         self.assertTrue(any("Could not keep the metrics" in formatEvent(e) for e in self.logged))
         self.assertEqual(len(self.flushLoggedErrors(struct.error)), 1)
-
-
-class AdoptingReactor(FakeProcessReactor):
-    """Adopts like the real reactor: on a duplicate of the descriptor, kept open."""
-
-    def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:
-        self.adopted.append((fd, family, factory))
-        own = os.dup(fd)
-        return FakePort(own)
-
-
-def listening(family: int = socket.AF_INET) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0) if family == socket.AF_INET else ("::1", 0))
-    sock.listen(1)
-    return sock
-
-
-class ReusePortTests(SynchronousTestCase):
-    """Worker processes' TCP listeners: one C{SO_REUSEPORT} socket each."""
-
-    def setUp(self) -> None:
-        self.reactor = AdoptingReactor()
-
-    def listen(self, endpoint: Any) -> socket.socket:
-        """The socket the reactor was given to serve (a duplicate, closed at cleanup)."""
-        port = self.successResultOf(endpoint.listen(object()))
-        sock = socket.socket(fileno=port.fileno())
-        self.addCleanup(sock.close)
-        return sock
-
-    def test_processes_share_the_port(self) -> None:
-        """
-        The first process's socket and a second one on the same address
-        both listen, and the kernel spreads connections over them.
-        """
-        first = self.listen(ReusePortEndpoint(self.reactor, TCPListen(0, "127.0.0.1", 50)))
-        address = first.getsockname()
-        second = self.listen(
-            ReusePortEndpoint(self.reactor, TCPListen(0, "127.0.0.1", 50), address, check=False)
-        )
-        self.assertEqual(second.getsockname(), address)
-        clients = []
-        for _ in range(64):
-            client = socket.create_connection(address)
-            self.addCleanup(client.close)
-            clients.append(client)
-        accepted = []
-        for sock in (first, second):
-            sock.setblocking(False)
-            count = 0
-            while True:
-                try:
-                    connection, _ = sock.accept()
-                except BlockingIOError:
-                    break
-                connection.close()
-                count += 1
-            accepted.append(count)
-        self.assertEqual(sum(accepted), 64)
-        self.assertTrue(all(accepted), accepted)
-
-    def test_port_in_use(self) -> None:
-        """An address another program listens on is refused: address already in use."""
-        other = listening()
-        self.addCleanup(other.close)
-        port = other.getsockname()[1]
-        failure = self.failureResultOf(
-            ReusePortEndpoint(self.reactor, TCPListen(port, "127.0.0.1", 50)).listen(object())  # type: ignore[arg-type]
-        )
-        from userli_postfix.listening import reason
-
-        self.assertEqual(reason(failure.value), "address already in use")
-
-    def test_second_daemon_refused(self) -> None:
-        """
-        A second daemon on the same address fails as it would without
-        C{SO_REUSEPORT}, instead of joining the first one's group.
-        """
-        first = self.listen(ReusePortEndpoint(self.reactor, TCPListen(0, "127.0.0.1", 50)))
-        port = first.getsockname()[1]
-        self.failureResultOf(
-            ReusePortEndpoint(self.reactor, TCPListen(port, "127.0.0.1", 50)).listen(object())  # type: ignore[arg-type]
-        )
-
-    def test_ipv6(self) -> None:
-        """An IPv6 interface gets an IPv6 socket."""
-        try:
-            probe = listening(socket.AF_INET6)
-        except OSError:
-            self.skipTest("no IPv6 loopback here")
-        probe.close()
-        sock = self.listen(ReusePortEndpoint(self.reactor, TCPListen(0, "::1", 50)))
-        self.assertEqual(sock.family, socket.AF_INET6)
-        self.assertEqual(sock.getsockname()[0], "::1")
-
-    def test_shared_endpoint(self) -> None:
-        """The parent shares TCP listeners by C{SO_REUSEPORT}, the rest as described."""
-        self.assertIsInstance(
-            sharedEndpoint(self.reactor, "tcp:10001:interface=127.0.0.1"), ReusePortEndpoint
-        )
-        self.assertNotIsInstance(
-            sharedEndpoint(self.reactor, "unix:/run/x.sock"), ReusePortEndpoint
-        )
-
-
-class AdoptedEndpointTests(SynchronousTestCase):
-    """L{AdoptedEndpoint}: how a child serves what it inherited."""
-
-    def test_tcp_own_socket(self) -> None:
-        """
-        For a TCP listener the child binds a socket of its own to the
-        inherited socket's address (port 0 resolved included) and closes
-        the inherited descriptor.
-        """
-        parent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        parent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        parent.bind(("127.0.0.1", 0))
-        parent.listen(1)
-        self.addCleanup(parent.close)
-        fd = os.dup(parent.fileno())
-        reactor = AdoptingReactor()
-        request = TCPListen(0, "127.0.0.1", 50)
-        port: Any = self.successResultOf(
-            AdoptedEndpoint(reactor, fd, request).listen(object())  # type: ignore[arg-type]
-        )
-        own = socket.socket(fileno=port.fileno())
-        self.addCleanup(own.close)
-        self.assertEqual(own.getsockname(), parent.getsockname())
-        self.assertNotEqual(
-            os.fstat(own.fileno()).st_ino, os.fstat(parent.fileno()).st_ino, "a socket of its own"
-        )
-        self.assertEqual(own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
-
-    def test_unix_shared(self) -> None:
-        """A UNIX socket is served as inherited: the parent's socket itself."""
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
-        path = os.path.join(directory, "s.sock")
-        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listening.bind(path)
-        listening.listen(1)
-        self.addCleanup(listening.close)
-        fd = os.dup(listening.fileno())
-        reactor = FakeProcessReactor()
-        factory = object()
-        port: Any = self.successResultOf(
-            AdoptedEndpoint(reactor, fd, UNIXListen(path, 50)).listen(factory)  # type: ignore[arg-type]
-        )
-        self.assertEqual(reactor.adopted, [(fd, socket.AF_UNIX, factory)])
-        self.assertEqual(port.fileno(), fd)
-        self.assertRaises(OSError, os.fstat, fd)
 
 
 class SlowToStop(Service):

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from userli_postfix.metrics import Metrics
-from userli_postfix.redis import RedisClient, RedisUnavailable
+from userli_postfix.redisclient import RedisClient, RedisUnavailable
 
 log = Logger()
 
@@ -37,7 +37,7 @@ CACHE_PREFIX = "userli:lookup:"
 
 # Copies are served only while the tracking connection has proved, within
 # this many seconds, that it still hears Redis (a PING answered, see
-# L{userli_postfix.redis.TRACKING_PING}): a connection that died without a
+# L{userli_postfix.redisclient.TRACKING_PING}): a connection that died without a
 # word (a partition, a moved address) would otherwise let copies outlive a
 # change for the seconds it takes to notice.  So a copy is at most this old
 # in the worst case; past it, every lookup reads Redis until the connection
@@ -252,7 +252,7 @@ class NearCache:
     """
     A small in-process cache of OK answers in front of L{RedisCache}, so a
     hot key costs no Redis command at all, kept coherent with Redis by
-    Redis itself (client tracking, see L{userli_postfix.redis}).
+    Redis itself (client tracking, see L{userli_postfix.redisclient}).
 
     Copies exist only while tracking is established: Redis then reports
     every change to a C{userli:lookup:} key (C{DEL}, C{SET}, C{EXPIRE},
@@ -431,7 +431,7 @@ class NearCache:
         written, self._written = self._written, []
         if writes:
             # One command per lifetime: the lookup cache's, and the few
-            # entries written with another (see L{userli_postfix.remote}).
+            # entries written with another (see L{userli_postfix.remotedomains}).
             batches: dict[float | None, list[tuple[str, str, bytes]]] = {}
             for (m, k), (reply, ttl) in writes.items():
                 batches.setdefault(ttl, []).append((m, k, reply))

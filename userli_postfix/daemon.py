@@ -24,23 +24,30 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.web.client import HTTPConnectionPool
 
-from userli_postfix import __version__, metricsdir, signals, workers
+from userli_postfix import __version__, multiprocess, signals, workers
 from userli_postfix.cache import CACHE_PREFIX, LookupCache, MemoryCache, NearCache, RedisCache
 from userli_postfix.config import Config
-from userli_postfix.listeners import LimitedFactory
-from userli_postfix.listening import CannotListen, ListeningService, describe
+from userli_postfix.endpoints import (
+    AdoptedEndpoint,
+    CannotListen,
+    ListeningService,
+    RecordingEndpoint,
+    describe,
+    removeStaleSocket,
+    sharedEndpoint,
+)
+from userli_postfix.httpclient import makeHTTPClient
 from userli_postfix.logs import daemonObserver, withoutCredentials, workerObserver
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.policy import makePolicyFactory
 from userli_postfix.ratelimit import makeRateLimiter
-from userli_postfix.redis import RedisClient
-from userli_postfix.remote import MEMORY_ENTRIES, RemoteDomains
+from userli_postfix.redisclient import RedisClient
+from userli_postfix.remotedomains import MEMORY_ENTRIES, RemoteDomains
 from userli_postfix.sasl import makeSASLFactory
+from userli_postfix.serving import LimitedFactory
 from userli_postfix.socketmap import SocketmapFactory
 from userli_postfix.tlspolicy import makeTLSPolicy
-from userli_postfix.transport import makeHTTPClient
-from userli_postfix.unixsocket import removeStaleSocket
 from userli_postfix.userli import UserliClient
 from userli_postfix.web import MetricsPage, OneProcess, Processes, Web, makeSite
 
@@ -113,13 +120,9 @@ class DaemonService(MultiService):
         if self._inherited is not None:
             if name not in self._inherited:
                 return
-            endpoint = workers.AdoptedEndpoint(
-                self._clock, self._inherited[name], describe(description)
-            )
+            endpoint = AdoptedEndpoint(self._clock, self._inherited[name], describe(description))
         elif name in SHARED_LISTENERS and self._workers > 1:
-            endpoint = workers.RecordingEndpoint(
-                workers.sharedEndpoint(self._clock, description), name, self.ports
-            )
+            endpoint = RecordingEndpoint(sharedEndpoint(self._clock, description), name, self.ports)
         else:
             endpoint = serverFromString(self._clock, description)
         service = ListeningService(endpoint, factory, LISTENER_VARIABLES[name], description)
@@ -215,8 +218,8 @@ def build(
     inherited = workers.inheritedListeners()
     metricsDirectory = None
     if config.workers > 1 and inherited is None:
-        # Chosen while the options were read (see L{metricsdir}).
-        metricsDirectory = metricsdir.current() or metricsdir.prepare(str(config.workers))
+        # Chosen while the options were read (see L{multiprocess}).
+        metricsDirectory = multiprocess.current() or multiprocess.prepare(str(config.workers))
     metrics = Metrics()
     # A worker process hands its events to the first process, which logs
     # them where its own go.
@@ -296,7 +299,7 @@ def build(
     processes: Processes = OneProcess()
     workerPool = None
     if metricsDirectory is not None:
-        metricsResource = MetricsPage(workers.aggregatedRegistry())
+        metricsResource = MetricsPage(multiprocess.aggregatedRegistry())
         workerPool = processes = workers.WorkerPool(
             reactor,
             config.workers,

@@ -6,7 +6,7 @@ exist, how keys are normalised, when the cache is asked, and how API
 answers become ``OK``/``NOTFOUND``/``TEMP``/``PERM``.  Identical lookups in
 flight at the same moment share one API call.  A key in a domain Userli
 said it does not host is ``NOTFOUND`` without a call (see
-L{userli_postfix.remote}).
+L{userli_postfix.remotedomains}).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from userli_postfix.addresses import normalise_address, normalise_domain
 from userli_postfix.cache import LookupCache
 from userli_postfix.metrics import Metrics
-from userli_postfix.remote import RemoteDomains, domain_of
+from userli_postfix.remotedomains import RemoteDomains, domain_of
 from userli_postfix.userli import CircuitOpen, UserliClient
 
 log = Logger()

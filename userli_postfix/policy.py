@@ -25,10 +25,10 @@ from twisted.python.failure import Failure
 
 from userli_postfix.addresses import normalise_address
 from userli_postfix.config import Config
-from userli_postfix.listeners import MAX_CONNECTIONS, LimitedFactory, ServingMixin
 from userli_postfix.metrics import Metrics
 from userli_postfix.ratelimit import RateLimiter, Verdict
-from userli_postfix.remote import RemoteDomains
+from userli_postfix.remotedomains import RemoteDomains
+from userli_postfix.serving import MAX_CONNECTIONS, LimitedFactory, ServingMixin
 from userli_postfix.userli import CircuitOpen, Quota, UserliClient
 
 log = Logger()

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 
 from userli_postfix.config import Config
 from userli_postfix.metrics import Metrics
-from userli_postfix.redis import RedisClient
+from userli_postfix.redisclient import RedisClient
 from userli_postfix.userli import Quota
 
 log = Logger()

@@ -35,9 +35,9 @@ from userli_postfix.dovecotauth import (
     handshake,
     reply_line,
 )
-from userli_postfix.listeners import MAX_CONNECTIONS, ConnectionMixin, LimitedFactory
 from userli_postfix.logins import Authenticator, LoginQueue
 from userli_postfix.metrics import Metrics
+from userli_postfix.serving import MAX_CONNECTIONS, ConnectionMixin, LimitedFactory
 from userli_postfix.userli import UserliClient
 
 log = Logger()

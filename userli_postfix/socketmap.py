@@ -9,9 +9,9 @@ from prometheus_client import Gauge
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.basic import NetstringReceiver
 
-from userli_postfix.listeners import LimitedFactory, ServingMixin
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
+from userli_postfix.serving import LimitedFactory, ServingMixin
 
 # Longer than any "<map> <address>" Postfix sends (an address is at most a
 # few hundred bytes); anything longer is garbage or an attack.

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from userli_postfix import __version__, metricsdir
+from userli_postfix import __version__, multiprocess
 from userli_postfix.config import SETTINGS, Config, ConfigError, raw_values
 
 
@@ -35,8 +35,8 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         raw = raw_values(os.environ, self.given())
-        # Before anything imports prometheus-client (see L{metricsdir}).
-        metricsdir.prepare(raw["WORKERS"])
+        # Before anything imports prometheus-client (see L{multiprocess}).
+        multiprocess.prepare(raw["WORKERS"])
         self.config = Config.from_values(raw)
 
     def given(self) -> dict[str, str | None]:

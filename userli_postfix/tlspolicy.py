@@ -32,7 +32,7 @@ from userli_postfix.addresses import normalise_domain
 from userli_postfix.config import Config
 from userli_postfix.deadlines import answerWithin
 from userli_postfix.metrics import Metrics
-from userli_postfix.redis import RedisClient
+from userli_postfix.redisclient import RedisClient
 from userli_postfix.smtpprobe import HostReport, probeAddress
 
 log = Logger()

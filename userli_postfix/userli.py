@@ -174,7 +174,7 @@ class UserliClient:
     One method per endpoint of ``/api/postfix``.
 
     @param request: C{treq.client.HTTPClient.request} (a client over a
-        persistent pool, see L{userli_postfix.transport}, or C{StubTreq}'s in
+        persistent pool, see L{userli_postfix.httpclient}, or C{StubTreq}'s in
         tests).
     """
 

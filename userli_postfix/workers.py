@@ -5,7 +5,7 @@ the same listeners, so it can use more than one core.
 The parent is the process twistd started.  It listens as usual, then starts
 N-1 children, each a fresh C{twistd -n userli-postfix} with the same
 configuration, that inherit the parent's listening sockets as file
-descriptors (see L{AdoptedEndpoint}):
+descriptors (see L{userli_postfix.endpoints.AdoptedEndpoint}):
 
  - A TCP listener is one socket per process, all bound to the same address
    with C{SO_REUSEPORT}: the kernel spreads new connections evenly over
@@ -19,9 +19,9 @@ More:
 
  - Only the parent serves C{/metrics}, C{/health} and C{/ready}.  Metrics
    are kept in prometheus-client's multiprocess mode, in a private directory
-   the parent creates (L{metricsdir}) and removes: counters and histograms
+   the parent creates (L{multiprocess}) and removes: counters and histograms
    add up over every process that ever served (those of a process that
-   ended are kept in an archive, L{metricsdir.retire}), connection gauges
+   ended are kept in an archive, L{multiprocess.retire}), connection gauges
    over the live ones.
  - A child watches a pipe from the parent (its standard input): when the
    parent goes away, however it went, the child stops serving and exits.
@@ -42,7 +42,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,22 +49,16 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import abstract, defer, error, fdesc
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IListeningPort,
-    IProtocolFactory,
-    IStreamServerEndpoint,
 )
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 import userli_postfix
-from userli_postfix import logs, metricsdir
+from userli_postfix import logs, multiprocess
 from userli_postfix.config import SETTINGS
-from userli_postfix.listening import ReusePortEndpoint, TCPListen, UNIXListen, describe
 from userli_postfix.metrics import Metrics
 
 log = Logger()
@@ -73,11 +66,11 @@ log = Logger()
 #: Set by the parent in each child's environment: which inherited file
 #: descriptor is which listener, e.g. C{socketmap=3,policy=4}.  Its presence
 #: is what makes a process a child.
-LISTENERS_VARIABLE = metricsdir.LISTENERS_VARIABLE
+LISTENERS_VARIABLE = multiprocess.LISTENERS_VARIABLE
 
 #: prometheus-client's own variable: where every process keeps its metrics
-#: (chosen by L{metricsdir.prepare}).
-METRICS_VARIABLE = metricsdir.METRICS_VARIABLE
+#: (chosen by L{multiprocess.prepare}).
+METRICS_VARIABLE = multiprocess.METRICS_VARIABLE
 
 # The first file descriptor a child gets a listening socket on (0, 1 and 2
 # are the pipe from the parent, and standard output and error, pipes to it).
@@ -129,99 +122,6 @@ def inheritedListeners(environ: Mapping[str, str] = os.environ) -> dict[str, int
         name, _, fd = item.partition("=")
         listeners[name] = int(fd)
     return listeners
-
-
-@implementer(IStreamServerEndpoint)
-class AdoptedEndpoint:
-    """
-    In a child: serve a listener whose socket the parent handed down as a
-    file descriptor.
-
-    A TCP listener (C{request} given) gets a socket of its own, bound with
-    C{SO_REUSEPORT} to the address the parent's socket has (so a port 0 the
-    parent was given stays the same), and the kernel spreads connections
-    over the processes' sockets.  Anything else (a UNIX socket, which
-    C{SO_REUSEPORT} does not balance; a socket from systemd) is served on
-    the parent's very socket: every process waits on the one accept queue
-    and whichever the kernel wakes first takes the connection.
-    """
-
-    def __init__(
-        self, reactor: Any, fd: int, request: TCPListen | UNIXListen | None = None
-    ) -> None:
-        self._reactor = reactor
-        self._fd = fd
-        self._request = request
-
-    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
-        inherited = socket.socket(fileno=self._fd)
-        family = inherited.family
-        if isinstance(self._request, TCPListen) and family in (socket.AF_INET, socket.AF_INET6):
-            # The parent's socket only tells where; this process listens on
-            # a socket of its own.
-            with inherited:
-                address = tuple(inherited.getsockname())
-            return ReusePortEndpoint(self._reactor, self._request, address, check=False).listen(
-                factory
-            )
-        inherited.detach()
-        try:
-            port = self._reactor.adoptStreamPort(self._fd, family, factory)
-        except Exception:
-            return defer.fail()
-        finally:
-            # The reactor works on its own duplicate.
-            os.close(self._fd)
-        return defer.succeed(port)
-
-
-@implementer(IStreamServerEndpoint)
-class RecordingEndpoint:
-    """
-    Wraps the parent's endpoint so that the listening port it opens can be
-    handed to the children.
-    """
-
-    def __init__(self, endpoint: IStreamServerEndpoint, name: str, ports: dict[str, Any]) -> None:
-        self._endpoint = endpoint
-        self._name = name
-        self._ports = ports
-
-    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
-        def record(port: IListeningPort) -> IListeningPort:
-            self._ports[self._name] = port
-            return port
-
-        return self._endpoint.listen(factory).addCallback(record)
-
-
-def sharedEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
-    """
-    The parent's endpoint for a listener its children serve too: for TCP a
-    socket with C{SO_REUSEPORT} (each child then opens its own on the same
-    address, see L{AdoptedEndpoint}), for anything else the endpoint as
-    described, whose socket the children inherit.
-    """
-    request = describe(description)
-    if isinstance(request, TCPListen):
-        return ReusePortEndpoint(reactor, request)
-    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
-    return endpoint
-
-
-def aggregatedRegistry() -> Any:
-    """
-    A registry that reads the metrics of every process from the
-    multiprocess directory, plus this process's own process metrics.
-    """
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-    from prometheus_client.process_collector import ProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)
-    ProcessCollector(registry=registry)
-    return registry
 
 
 def childEnvironment(
@@ -349,7 +249,7 @@ class WorkerPool(Service):
     (SIGTERM, then SIGKILL after a grace period) when the daemon stops.
 
     @param ports: the parent's listening ports by name, filled by
-        L{RecordingEndpoint}s before this service starts.
+        L{userli_postfix.endpoints.RecordingEndpoint}s before this service starts.
     @param metricsDirectory: the multiprocess metrics directory, removed
         once every child has ended.
     @param metrics: where replacements are counted.
@@ -467,7 +367,7 @@ class WorkerPool(Service):
         slot.protocol = slot.transport = None
         if self._metricsDirectory is not None and protocol.pid is not None:
             try:
-                metricsdir.retire(self._metricsDirectory, protocol.pid)
+                multiprocess.retire(self._metricsDirectory, protocol.pid)
             except Exception:
                 log.failure("Could not keep the metrics of worker process {pid}", pid=protocol.pid)
         if self._stopping:
@@ -583,7 +483,7 @@ class ParentWatch(Service):
         if directory:
             # The parent cannot remove the metrics directory any more.
             atexit.register(
-                metricsdir.removeLeftovers, Path(directory), (self._parent, os.getpid())
+                multiprocess.removeLeftovers, Path(directory), (self._parent, os.getpid())
             )
         try:
             self._reactor.stop()

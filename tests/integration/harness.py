@@ -280,7 +280,7 @@ def wait_for_redis(redis: RedisServer, daemon: Daemon, after: int = 0) -> None:
     and it handles them (a reactor turn later) before it answers.
     """
     from userli_postfix.config import Config
-    from userli_postfix.redis import POOL_SIZE
+    from userli_postfix.redisclient import POOL_SIZE
 
     config = Config.from_sources({k: v for k, v in daemon.env.items() if v is not None})
     tracked = max(config.lookup_cache_ttl, config.remote_domain_cache_ttl) > 0

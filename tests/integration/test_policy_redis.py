@@ -41,7 +41,7 @@ from userli_postfix.ratelimit import (
     Verdict,
     window_key,
 )
-from userli_postfix.redis import POOL_SIZE
+from userli_postfix.redisclient import POOL_SIZE
 from userli_postfix.userli import Quota
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from userli_postfix.cli.commands import (
 from userli_postfix.cli.postfix import postfix_lines
 from userli_postfix.cli.report import NOT_OK, OK, Report
 from userli_postfix.config import API_TIMEOUT, LISTEN_VARIABLES, SETTINGS, Config
-from userli_postfix.redis import CONNECT_TIMEOUT
+from userli_postfix.redisclient import CONNECT_TIMEOUT
 from userli_postfix.userli import UserliError
 
 # The daemon's /ready asks for this domain: it can never exist.

@@ -34,8 +34,8 @@ from userli_postfix.ratelimit import (
     unix_ns,
     window_key,
 )
-from userli_postfix.redis import CONNECT_TIMEOUT, POOL_SIZE, RedisClient
-from userli_postfix.remote import REMOTE_MAP, domain_of
+from userli_postfix.redisclient import CONNECT_TIMEOUT, POOL_SIZE, RedisClient
+from userli_postfix.remotedomains import REMOTE_MAP, domain_of
 from userli_postfix.userli import Quota, UserliClient, UserliError
 
 log = Logger()

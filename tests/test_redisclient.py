@@ -1,5 +1,5 @@
 """
-Tests for L{userli_postfix.redis}: every command answers within its deadline
+Tests for L{userli_postfix.redisclient}: every command answers within its deadline
 whatever Redis does, through a fake connection and a L{Clock}.
 """
 
@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from userli_postfix.config import RedisTarget
-from userli_postfix.redis import (
+from userli_postfix.redisclient import (
     COMMAND_TIMEOUT,
     CONNECT_TIMEOUT,
     INVALIDATE_CHANNEL,
@@ -60,7 +60,7 @@ class FakeConnection:
 
 
 class FakePool:
-    """Stands in for L{userli_postfix.connections.Pool}: its ready connections."""
+    """Stands in for L{userli_postfix.redisconnections.Pool}: its ready connections."""
 
     def __init__(self, *ready: FakeConnection) -> None:
         self.ready = list(ready)

@@ -33,7 +33,7 @@ from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnec
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from userli_postfix.listeners import MAX_CONNECTIONS
+from userli_postfix.serving import MAX_CONNECTIONS
 
 # Idle keep-alive connections kept to Userli: a listener's connection limit,
 # so the lookups of a full listener (one at a time per Postfix connection)

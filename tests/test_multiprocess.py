@@ -1,5 +1,5 @@
 """
-Tests for L{userli_postfix.metricsdir}: the worker processes' metrics
+Tests for L{userli_postfix.multiprocess}: the worker processes' metrics
 directory is chosen before prometheus-client is imported, the way
 prometheus-client documents, and what a process that ended counted stays
 in the totals.
@@ -22,7 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from userli_postfix.metricsdir import (
+from userli_postfix.multiprocess import (
     ARCHIVE,
     LISTENERS_VARIABLE,
     METRICS_VARIABLE,

@@ -2,7 +2,7 @@
 A Redis connection from C{REDIS_URL}, every command bounded by a deadline.
 
 txredisapi speaks the protocol; the connections are the daemon's own (see
-L{userli_postfix.connections}): each is made through a Twisted endpoint,
+L{userli_postfix.redisconnections}): each is made through a Twisted endpoint,
 prepared here (C{AUTH}, C{SELECT}, for a Sentinel's master C{ROLE}, each
 bounded), and replaced after a capped back-off whatever happened to it.
 The cache and the rate limiter must answer within a fraction of Postfix's
@@ -32,8 +32,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from userli_postfix.config import RedisTarget
-from userli_postfix.connections import Pool
 from userli_postfix.deadlines import answerWithin
+from userli_postfix.redisconnections import Pool
 
 log = Logger()
 
@@ -457,7 +457,7 @@ def _endpoint(target: RedisTarget, reactor: Any) -> Any:
 
 
 class ConnectionPool(Protocol):
-    """What L{RedisClient} needs of its pool (L{userli_postfix.connections.Pool})."""
+    """What L{RedisClient} needs of its pool (L{userli_postfix.redisconnections.Pool})."""
 
     def pick(self) -> Any: ...
 

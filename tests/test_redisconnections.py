@@ -1,5 +1,5 @@
 """
-Tests for L{userli_postfix.connections}: a connection that is kept up
+Tests for L{userli_postfix.redisconnections}: a connection that is kept up
 whatever happens to it (a failed attempt, a set-up that fails or hangs, a
 lost connection), with a back-off that never grows past half a second, and
 a pool that says an outage once.
@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from userli_postfix.connections import RETRY_DELAY, RETRY_INITIAL, RETRY_MAX, Pool, Supervisor
+from userli_postfix.redisconnections import RETRY_DELAY, RETRY_INITIAL, RETRY_MAX, Pool, Supervisor
 
 
 class FakeTransport:

@@ -1,5 +1,5 @@
 """
-Tests for L{userli_postfix.listeners}: the connection discipline every
+Tests for L{userli_postfix.serving}: the connection discipline every
 listener shares (in-order replies, connection limit, idle timeout,
 back-pressure, drain at shutdown), through a minimal line protocol over
 C{StringTransport} and a L{Clock}.
@@ -17,7 +17,8 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from userli_postfix.listeners import (
+from userli_postfix.metrics import Metrics
+from userli_postfix.serving import (
     MAX_CONNECTIONS,
     MAX_PIPELINED,
     REFUSAL_REPORT_INTERVAL,
@@ -26,7 +27,6 @@ from userli_postfix.listeners import (
     ReplyQueue,
     ServingMixin,
 )
-from userli_postfix.metrics import Metrics
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 

@@ -1,8 +1,9 @@
 """
-Opening the listeners: what an endpoint description asks the reactor for,
-a listening service whose failure is one line naming the variable, and
-the per-process C{SO_REUSEPORT} sockets that worker processes share TCP
-load with.
+Listening sockets: what an endpoint description asks the reactor for, a
+listening service whose failure is one line naming the variable, a stale
+UNIX socket file replaced, and the sockets worker processes share (the
+per-process C{SO_REUSEPORT} sockets that spread TCP load, the parent's
+sockets its children inherit).
 
 What a description means is learnt from Twisted itself: the endpoint that
 C{serverFromString} builds is asked to listen on a reactor that only
@@ -10,11 +11,22 @@ records the call (C{listenTCP}, C{listenSSL}, C{listenUNIX}, all public
 interfaces), so every description Twisted accepts is understood exactly as
 Twisted understands it, quoting included, without reading the endpoints'
 private attributes.
+
+A socket file outlives the process that made it.  Twisted's ``lockfile=1``
+only recovers a socket left by an earlier run of this daemon (it looks for
+our own stale ``.lock`` file); one left by the Go program, by Dovecot or by a
+run without a lock file blocks the start with "Address already in use".  A
+socket file that nobody answers on is dead and safe to remove
+(L{removeStaleSocket}); one that accepts a connection belongs to a running
+server and is left alone, so the start fails loudly instead of stealing it.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +36,11 @@ from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -278,3 +293,119 @@ class ReusePortEndpoint:
             return defer.succeed(adopt(self._reactor, sock, factory, request.contextFactory))
         except OSError as exc:
             return defer.fail(CannotListenError(request.interface, request.port, exc))
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """
+    In a child: serve a listener whose socket the parent handed down as a
+    file descriptor.
+
+    A TCP listener (C{request} given) gets a socket of its own, bound with
+    C{SO_REUSEPORT} to the address the parent's socket has (so a port 0 the
+    parent was given stays the same), and the kernel spreads connections
+    over the processes' sockets.  Anything else (a UNIX socket, which
+    C{SO_REUSEPORT} does not balance; a socket from systemd) is served on
+    the parent's very socket: every process waits on the one accept queue
+    and whichever the kernel wakes first takes the connection.
+    """
+
+    def __init__(
+        self, reactor: Any, fd: int, request: TCPListen | UNIXListen | None = None
+    ) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._request = request
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        inherited = socket.socket(fileno=self._fd)
+        family = inherited.family
+        if isinstance(self._request, TCPListen) and family in (socket.AF_INET, socket.AF_INET6):
+            # The parent's socket only tells where; this process listens on
+            # a socket of its own.
+            with inherited:
+                address = tuple(inherited.getsockname())
+            return ReusePortEndpoint(self._reactor, self._request, address, check=False).listen(
+                factory
+            )
+        inherited.detach()
+        try:
+            port = self._reactor.adoptStreamPort(self._fd, family, factory)
+        except Exception:
+            return defer.fail()
+        finally:
+            # The reactor works on its own duplicate.
+            os.close(self._fd)
+        return defer.succeed(port)
+
+
+@implementer(IStreamServerEndpoint)
+class RecordingEndpoint:
+    """
+    Wraps the parent's endpoint so that the listening port it opens can be
+    handed to the children.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, name: str, ports: dict[str, Any]) -> None:
+        self._endpoint = endpoint
+        self._name = name
+        self._ports = ports
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        def record(port: IListeningPort) -> IListeningPort:
+            self._ports[self._name] = port
+            return port
+
+        return self._endpoint.listen(factory).addCallback(record)
+
+
+def sharedEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The parent's endpoint for a listener its children serve too: for TCP a
+    socket with C{SO_REUSEPORT} (each child then opens its own on the same
+    address, see L{AdoptedEndpoint}), for anything else the endpoint as
+    described, whose socket the children inherit.
+    """
+    request = describe(description)
+    if isinstance(request, TCPListen):
+        return ReusePortEndpoint(reactor, request)
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint
+
+
+def socketPath(description: str) -> str | None:
+    """The file a C{unix:} endpoint description listens on, else C{None}."""
+    if not description.startswith("unix:"):
+        return None
+    request = describe(description)
+    return request.path if isinstance(request, UNIXListen) else None
+
+
+def isDead(path: str) -> bool:
+    """Whether C{path} is a socket file that refuses connections."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as error:
+        return error.errno in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return False
+
+
+def removeStaleSocket(description: str) -> None:
+    """Remove the socket file of a C{unix:} listener when it is dead."""
+    path = socketPath(description)
+    if path is None or not isDead(path):
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    log.info("Removed the stale socket {path}", path=path)

@@ -1,5 +1,5 @@
 """
-Tests for L{userli_postfix.transport}: treq over Agent and a persistent pool.
+Tests for L{userli_postfix.httpclient}: treq over Agent and a persistent pool.
 
 The connections are made on a L{MemoryReactorClock}; the test plays Userli
 by feeding bytes to the connection's protocol.  What is pinned: one endpoint
@@ -18,13 +18,13 @@ from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
 
-from userli_postfix.listeners import MAX_CONNECTIONS
-from userli_postfix.transport import (
+from userli_postfix.httpclient import (
     CONNECT_TIMEOUT,
     POOL_IDLE_TIMEOUT,
     UserliEndpoints,
     makeHTTPClient,
 )
+from userli_postfix.serving import MAX_CONNECTIONS
 
 BASE = "http://127.0.0.1:8000"
 OK_TRUE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\ntrue"

@@ -1,5 +1,6 @@
 """
-The directory where worker processes keep their metrics.
+Metrics of several processes: the directory where worker processes keep
+them, what is kept of a process that ended, and their sum on a scrape.
 
 prometheus-client keeps every process's metrics in files of a shared
 directory (its multiprocess mode) when C{PROMETHEUS_MULTIPROC_DIR} is set
@@ -13,7 +14,8 @@ When a worker process ends, L{retire} keeps what it counted: its counters
 and histograms are folded into one archive file per type, which every
 scrape adds up with the files of the live processes, so the totals on
 C{/metrics} never go down while the first process lives; only its live
-gauges go (prometheus-client's C{mark_process_dead}).
+gauges go (prometheus-client's C{mark_process_dead}).  The first process
+serves the sum of them all from L{aggregatedRegistry}.
 
 This module imports nothing of prometheus-client (but inside the functions
 that run once it is imported) or of Twisted's networking, so that
@@ -29,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 #: prometheus-client's own variable: where every process keeps its metrics.
 METRICS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -139,6 +142,21 @@ def _fold(path: Path, archive: Path) -> None:
     finally:
         values.close()
     os.replace(staging, archive)
+
+
+def aggregatedRegistry() -> Any:
+    """
+    A registry that reads the metrics of every process from the
+    multiprocess directory, plus this process's own process metrics.
+    """
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.process_collector import ProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    ProcessCollector(registry=registry)
+    return registry
 
 
 def removeLeftovers(directory: Path, pids: tuple[int, ...]) -> None:

@@ -1,5 +1,5 @@
 """
-Tests for L{userli_postfix.remote}, the memory of the domains Userli does
+Tests for L{userli_postfix.remotedomains}, the memory of the domains Userli does
 not host, and for how the lookups and the quota policy use it: once Userli
 answered ``domain X`` with ``false``, every question about X is answered
 without a call for the TTL, and nothing but such an answer is remembered.
@@ -35,7 +35,7 @@ from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.policy import DUNNO, END_OF_MESSAGE, PolicyRequest, QuotaPolicy
 from userli_postfix.ratelimit import MemoryRateLimiter
-from userli_postfix.remote import REMEMBERED, REMOTE_MAP, RemoteDomains, domain_of
+from userli_postfix.remotedomains import REMEMBERED, REMOTE_MAP, RemoteDomains, domain_of
 from userli_postfix.userli import UserliClient
 
 BASE = "http://userli.test"
