@@ -15,6 +15,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.endpoints import serverFromString
@@ -539,13 +540,37 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-# The settings that are listen addresses.
-LISTEN_VARIABLES = (
-    "SOCKETMAP_LISTEN_ADDR",
-    "POLICY_LISTEN_ADDR",
-    "METRICS_LISTEN_ADDR",
-    "SASL_LISTEN_ADDR",
+@dataclass(frozen=True)
+class Listener:
+    """
+    One of the daemon's listeners: the one place that says which setting
+    opens it, which L{Config} field holds its endpoint, whether it may be
+    off, and whether it serves Postfix (and so every worker process).
+    """
+
+    #: Its name in the log and between the processes (C{socketmap=3}).
+    name: str
+    #: The setting of its address, named in every error about it.
+    variable: str
+    #: The L{Config} field with its endpoint description.
+    field: str
+    #: Whether an empty address turns it off (else it is an error).
+    optional: bool = False
+    #: Whether Postfix connects to it; worker processes serve these too
+    #: (C{/metrics}, C{/health} and C{/ready} stay with the first process).
+    postfix: bool = True
+
+
+#: Every listener, in the order of the settings (and of their checks).
+LISTENERS = (
+    Listener("socketmap", "SOCKETMAP_LISTEN_ADDR", "socketmap_listen"),
+    Listener("policy", "POLICY_LISTEN_ADDR", "policy_listen"),
+    Listener("http", "METRICS_LISTEN_ADDR", "metrics_listen", postfix=False),
+    Listener("sasl", "SASL_LISTEN_ADDR", "sasl_listen", optional=True),
 )
+
+#: The listeners by name.
+LISTENERS_BY_NAME = {listener.name: listener for listener in LISTENERS}
 
 
 def raw_values(
@@ -595,6 +620,11 @@ class Config:
     tls_policy_cache_ttl_tls: float = 168 * 3600.0
     tls_policy_cache_ttl_notls: float = 24 * 3600.0
 
+    def endpoint(self, listener: Listener) -> str | None:
+        """The endpoint description C{listener} listens on; C{None} when it is off."""
+        description: str | None = getattr(self, listener.field)
+        return description
+
     @classmethod
     def from_sources(
         cls, environ: Mapping[str, str], options: Mapping[str, str | None] | None = None
@@ -636,7 +666,6 @@ class Config:
         if delimiter and ("@" in delimiter or not _printable(delimiter) or " " in delimiter):
             raise ConfigError("POSTFIX_RECIPIENT_DELIMITER", f"{delimiter!r} cannot be a delimiter")
 
-        sasl_addr = get("SASL_LISTEN_ADDR").strip()
         redis_url = get("REDIS_URL").strip()
         redis = parse_redis_url("REDIS_URL", redis_url) if redis_url else None
         sentinel_addrs = get("REDIS_SENTINEL_ADDRS").strip()
@@ -667,15 +696,19 @@ class Config:
                 f"{get('RATE_LIMIT_IDENTITY')!r} is not one of {', '.join(RATE_LIMIT_IDENTITIES)}",
             )
         workers = _workers(get("WORKERS"), redis is not None)
+        base_url = parse_base_url("USERLI_BASE_URL", get("USERLI_BASE_URL"))
+        endpoints: dict[str, Any] = {
+            listener.field: listen_endpoint(listener.variable, get(listener.variable))
+            if get(listener.variable).strip() or not listener.optional
+            else None
+            for listener in LISTENERS
+        }
 
         return cls(
             userli_token=token,
-            userli_base_url=parse_base_url("USERLI_BASE_URL", get("USERLI_BASE_URL")),
+            userli_base_url=base_url,
             recipient_delimiter=delimiter,
-            socketmap_listen=listen_endpoint("SOCKETMAP_LISTEN_ADDR", get("SOCKETMAP_LISTEN_ADDR")),
-            policy_listen=listen_endpoint("POLICY_LISTEN_ADDR", get("POLICY_LISTEN_ADDR")),
-            metrics_listen=listen_endpoint("METRICS_LISTEN_ADDR", get("METRICS_LISTEN_ADDR")),
-            sasl_listen=listen_endpoint("SASL_LISTEN_ADDR", sasl_addr) if sasl_addr else None,
+            **endpoints,
             rate_limit_message=message or "Rate limit exceeded, please try again later",
             rate_limit_action=action,
             rate_limit_identity=identity,

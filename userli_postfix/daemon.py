@@ -26,7 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from userli_postfix import __version__, multiprocess, signals, workers
 from userli_postfix.cache import CACHE_PREFIX, LookupCache, MemoryCache, NearCache, RedisCache
-from userli_postfix.config import Config
+from userli_postfix.config import LISTENERS_BY_NAME, Config
 from userli_postfix.endpoints import (
     AdoptedEndpoint,
     CannotListen,
@@ -58,19 +58,6 @@ log = Logger()
 # for the slowest answer: a failed login against a hung API (5 s deadline
 # plus the 2 s failure delay).
 SHUTDOWN_GRACE = 8.0
-
-# The listeners that worker processes serve too; /metrics, /health and
-# /ready stay with the parent.
-SHARED_LISTENERS = ("socketmap", "policy", "sasl")
-
-# The setting each listener comes from, for the one line a failure to
-# listen prints.
-LISTENER_VARIABLES = {
-    "socketmap": "SOCKETMAP_LISTEN_ADDR",
-    "policy": "POLICY_LISTEN_ADDR",
-    "sasl": "SASL_LISTEN_ADDR",
-    "http": "METRICS_LISTEN_ADDR",
-}
 
 
 class DaemonService(MultiService):
@@ -121,11 +108,11 @@ class DaemonService(MultiService):
             if name not in self._inherited:
                 return
             endpoint = AdoptedEndpoint(self._clock, self._inherited[name], describe(description))
-        elif name in SHARED_LISTENERS and self._workers > 1:
+        elif LISTENERS_BY_NAME[name].postfix and self._workers > 1:
             endpoint = RecordingEndpoint(sharedEndpoint(self._clock, description), name, self.ports)
         else:
             endpoint = serverFromString(self._clock, description)
-        service = ListeningService(endpoint, factory, LISTENER_VARIABLES[name], description)
+        service = ListeningService(endpoint, factory, LISTENERS_BY_NAME[name].variable, description)
         service.setName(name)  # type: ignore[no-untyped-call]
         service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._descriptions[name] = description

@@ -30,7 +30,7 @@ from userli_postfix.cli.check import check
 from userli_postfix.cli.commands import Tools
 from userli_postfix.cli.options import Options, parse
 from userli_postfix.cli.report import NOT_OK, USAGE, Report, render
-from userli_postfix.config import Config, ConfigError, raw_values
+from userli_postfix.config import LISTENERS, Config, ConfigError, raw_values
 from userli_postfix.logs import LEVELS, streamObserver
 
 
@@ -86,15 +86,6 @@ def _write(report: Report, as_json: bool, stdout: IO[str], stderr: IO[str]) -> i
     return report.status
 
 
-# The listeners' fields of Config, by variable.
-_LISTENER_FIELDS = {
-    "SOCKETMAP_LISTEN_ADDR": "socketmap_listen",
-    "POLICY_LISTEN_ADDR": "policy_listen",
-    "METRICS_LISTEN_ADDR": "metrics_listen",
-    "SASL_LISTEN_ADDR": "sasl_listen",
-}
-
-
 def checked(raw: Mapping[str, str | None]) -> Config:
     """
     The configuration checked as the daemon checks it, except a socket
@@ -104,13 +95,15 @@ def checked(raw: Mapping[str, str | None]) -> Config:
 
     @raise ConfigError: naming the first variable that is wrong.
     """
-    passed = {
-        name: (raw.get(name) or "").strip()
-        for name in _LISTENER_FIELDS
-        if (raw.get(name) or "").strip().startswith("systemd:")
+    passed = [
+        listener
+        for listener in LISTENERS
+        if (raw.get(listener.variable) or "").strip().startswith("systemd:")
+    ]
+    config = Config.from_values({**raw, **{listener.variable: "tcp:0" for listener in passed}})
+    fields: dict[str, Any] = {
+        listener.field: (raw.get(listener.variable) or "").strip() for listener in passed
     }
-    config = Config.from_values({**raw, **{name: "tcp:0" for name in passed}})
-    fields: dict[str, Any] = {_LISTENER_FIELDS[name]: value for name, value in passed.items()}
     return replace(config, **fields)
 
 

@@ -22,7 +22,7 @@ from userli_postfix.cli.commands import (
 )
 from userli_postfix.cli.postfix import postfix_lines
 from userli_postfix.cli.report import NOT_OK, OK, Report
-from userli_postfix.config import API_TIMEOUT, LISTEN_VARIABLES, SETTINGS, Config
+from userli_postfix.config import API_TIMEOUT, LISTENERS, SETTINGS, Config
 from userli_postfix.redisclient import CONNECT_TIMEOUT
 from userli_postfix.userli import UserliError
 
@@ -58,19 +58,14 @@ def without_password(url: str) -> str:
 def shown_configuration(raw: dict[str, str | None], config: Config) -> dict[str, str]:
     """Every setting as the daemon sees it, secrets hidden."""
     shown: dict[str, str] = {}
-    endpoints = {
-        "SOCKETMAP_LISTEN_ADDR": config.socketmap_listen,
-        "POLICY_LISTEN_ADDR": config.policy_listen,
-        "METRICS_LISTEN_ADDR": config.metrics_listen,
-        "SASL_LISTEN_ADDR": config.sasl_listen,
-    }
+    endpoints = {listener.variable: config.endpoint(listener) for listener in LISTENERS}
     for setting in SETTINGS:
         value = raw.get(setting.variable) or ""
         if setting.variable in _SECRETS:
             shown[setting.variable] = HIDDEN if value else ""
         elif setting.variable == "REDIS_URL":
             shown[setting.variable] = without_password(value) if value else ""
-        elif setting.variable in LISTEN_VARIABLES and endpoints[setting.variable]:
+        elif endpoints.get(setting.variable):
             shown[setting.variable] = f"{value} ({endpoints[setting.variable]})"
         elif setting.variable == "TLS_POLICY_EHLO_HOSTNAME" and not value.strip():
             shown[setting.variable] = f"(this host: {config.tls_policy_ehlo_hostname})"

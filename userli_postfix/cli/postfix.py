@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from userli_postfix.config import Config
+from userli_postfix.config import LISTENERS, Config
 
 # Where Postfix's chrooted services find their private sockets: a socket
 # path under it is given relative to the queue directory.
@@ -89,12 +89,12 @@ class PostfixLines:
 def postfix_lines(config: Config) -> PostfixLines:
     """The lines that connect Postfix to the configured listeners."""
     lines = PostfixLines()
-    listeners = [("SOCKETMAP_LISTEN_ADDR", config.socketmap_listen)]
-    listeners.append(("POLICY_LISTEN_ADDR", config.policy_listen))
-    if config.sasl_listen is not None:
-        listeners.append(("SASL_LISTEN_ADDR", config.sasl_listen))
     addresses: dict[str, str] = {}
-    for variable, description in listeners:
+    for listener in LISTENERS:
+        description = config.endpoint(listener)
+        if description is None or not listener.postfix:
+            continue
+        variable = listener.variable
         address = postfix_address(description)
         if address is None:
             lines.notes.append(
