@@ -34,6 +34,7 @@ from userli_postfix.cli.options import parse
 from userli_postfix.cli.postfix import postfix_address, postfix_lines, split_description
 from userli_postfix.cli.report import NOT_OK, OK, USAGE, Report, duration, render
 from userli_postfix.config import API_TIMEOUT, Config, raw_values
+from userli_postfix.httpclient import POOL_IDLE_PER_HOST
 from userli_postfix.smtpprobe import HostReport
 
 BASE = "http://userli.test"
@@ -177,6 +178,27 @@ class RunTests(SynchronousTestCase):
         status, _, err = self.run_(["check"], {**environ, "SOCKETMAP_LISTEN_ADDR": "nonsense"})
         self.assertEqual(status, USAGE)
         self.assertIn("SOCKETMAP_LISTEN_ADDR", err)
+
+    def test_daemonHTTPClient(self) -> None:
+        """
+        The command calls Userli through the daemon's own HTTP client (its
+        kept connections), and closes them when it is done.
+        """
+        result, _, err = self.run_(["check"], {"USERLI_TOKEN": "t"})
+        self.assertIsInstance(result, tuple, err)
+        tools = result[1]
+        self.assertTrue(tools.pool.persistent)
+        self.assertEqual(tools.pool.maxPersistentPerHost, POOL_IDLE_PER_HOST)
+        closed: list[bool] = []
+
+        def close() -> defer.Deferred[None]:
+            closed.append(True)
+            return defer.succeed(None)
+
+        tools.pool.closeCachedConnections = close
+        self.successResultOf(tools.close())
+        self.assertEqual(closed, [True])
+        self.assertIsNone(tools.pool)
 
     def test_usageError(self) -> None:
         """A bad command line exits 2 and points at C{--help}."""

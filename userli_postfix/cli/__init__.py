@@ -31,6 +31,7 @@ from userli_postfix.cli.commands import Tools
 from userli_postfix.cli.options import Options, parse
 from userli_postfix.cli.report import NOT_OK, USAGE, Report, render
 from userli_postfix.config import LISTENERS, Config, ConfigError, raw_values
+from userli_postfix.httpclient import makeHTTPClient
 from userli_postfix.logs import LEVELS, streamObserver
 
 
@@ -133,14 +134,12 @@ def run(
             {"error": f"configuration error: {error}", "variable": error.variable},
         )
         return _write(report, as_json, stdout, stderr)
-    from treq.client import HTTPClient
     from twisted.internet import reactor
-    from twisted.web.client import Agent, HTTPConnectionPool
 
-    # One plain Agent, no kept connections: a command makes a call or two.
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(reactor, pool=pool)
-    tools = Tools(config, raw, reactor, HTTPClient(agent).request)
+    # The daemon's own HTTP client: the same endpoints, TLS checks,
+    # timeouts and cookie policy; its pool is closed with the tools.
+    http, pool = makeHTTPClient(reactor)
+    tools = Tools(config, raw, reactor, http.request, pool)
     return options, tools, as_json
 
 

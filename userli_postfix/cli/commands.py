@@ -18,6 +18,7 @@ import txredisapi
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
 
 from userli_postfix import tlspolicy
 from userli_postfix.addresses import normalise_address, normalise_domain
@@ -66,6 +67,8 @@ class Tools:
     The commands, built once per run from the checked configuration.
 
     @param request: C{treq}'s C{request}, for the Userli client.
+    @param pool: the connection pool under C{request}, closed with the
+        tools (the daemon's HTTP client keeps its connections).
     """
 
     def __init__(
@@ -74,10 +77,12 @@ class Tools:
         raw: dict[str, str | None],
         clock: IReactorTime,
         request: Callable[..., Any],
+        pool: HTTPConnectionPool | None = None,
     ) -> None:
         self.config = config
         self.raw = raw
         self.clock = clock
+        self.pool = pool
         self.metrics = Metrics(process=False)
         self.client = UserliClient(
             request, config.userli_base_url, config.userli_token, clock, self.metrics
@@ -117,10 +122,13 @@ class Tools:
 
     @defer.inlineCallbacks
     def close(self) -> Generator[Any, Any, None]:
-        """Close the Redis connections."""
+        """Close the Redis connections and those kept to Userli."""
         if self._redis is not None:
             redis, self._redis = self._redis, None
             yield redis.stop()
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            yield pool.closeCachedConnections()
 
     def needsRedis(self, command: str) -> Report | None:
         """The usage error of a command that needs Redis when there is none."""
