@@ -1,11 +1,30 @@
-"""Test doubles shared by the unit tests of the lookup path."""
+"""
+Test doubles shared by the unit tests of the lookup path, and the
+configuration as the daemon reads it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+from userli_postfix.config import Config, raw_values
+
+
+def configFrom(
+    environ: Mapping[str, str], options: Mapping[str, str | None] | None = None
+) -> Config:
+    """
+    The configuration the daemon checks from C{environ} and twistd
+    C{options} (keyed by option name, taking precedence).
+
+    @raise userli_postfix.config.ConfigError: naming the first variable
+        that is wrong.
+    """
+    return Config.from_values(raw_values(environ, options))
 
 
 class FakeLookupClient:

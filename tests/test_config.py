@@ -13,10 +13,10 @@ from twisted.internet.endpoints import _SystemdParser
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.doubles import configFrom
 from userli_postfix import config as config_module
 from userli_postfix.config import (
     SETTINGS,
-    Config,
     ConfigError,
     RedisTarget,
     listen_endpoint,
@@ -299,7 +299,7 @@ class SentinelTests(SynchronousTestCase):
 
     def test_sentinels(self) -> None:
         """The Sentinel addresses (IPv6 in brackets) and the master name are read."""
-        config = Config.from_sources(
+        config = configFrom(
             {
                 **TOKEN,
                 "REDIS_SENTINEL_ADDRS": "s1:26379, [::1]:26380,",
@@ -313,13 +313,13 @@ class SentinelTests(SynchronousTestCase):
 
     def test_default_master(self) -> None:
         """Without a master name, Sentinel's conventional C{mymaster} is used."""
-        config = Config.from_sources({**TOKEN, "REDIS_SENTINEL_ADDRS": "s1:26379"})
+        config = configFrom({**TOKEN, "REDIS_SENTINEL_ADDRS": "s1:26379"})
         assert config.redis is not None
         self.assertEqual(config.redis.master_name, "mymaster")
 
     def test_url_contributes_credentials(self) -> None:
         """With Sentinels, C{REDIS_URL} still gives the password, user and database."""
-        config = Config.from_sources(
+        config = configFrom(
             {
                 **TOKEN,
                 "REDIS_URL": "redis://user:pw@ignored:6379/3",
@@ -348,14 +348,12 @@ class SentinelTests(SynchronousTestCase):
             ),
         ]
         for values, variable in table:
-            error = self.assertRaises(ConfigError, Config.from_sources, {**TOKEN, **values})
+            error = self.assertRaises(ConfigError, configFrom, {**TOKEN, **values})
             self.assertEqual(error.variable, variable, values)
 
     def test_off_without_addresses(self) -> None:
         """Sentinel settings without addresses change nothing."""
-        config = Config.from_sources(
-            {**TOKEN, "REDIS_SENTINEL_MASTER": "m", "REDIS_SENTINEL_PASSWORD": "x"}
-        )
+        config = configFrom({**TOKEN, "REDIS_SENTINEL_MASTER": "m", "REDIS_SENTINEL_PASSWORD": "x"})
         self.assertIsNone(config.redis)
 
 
@@ -395,7 +393,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """With only the token set, every value is the Go program's default."""
-        config = Config.from_sources(TOKEN)
+        config = configFrom(TOKEN)
         self.assertEqual(config.userli_token, "secret-token")
         self.assertEqual(config.userli_base_url, "http://localhost:8000")
         self.assertEqual(config.recipient_delimiter, "")
@@ -443,7 +441,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_environment(self) -> None:
         """Every variable is read from the environment."""
-        config = Config.from_sources(
+        config = configFrom(
             {
                 "USERLI_TOKEN": " tok ",
                 "USERLI_BASE_URL": "https://userli.example.org/",
@@ -492,7 +490,7 @@ class ConfigTests(SynchronousTestCase):
             "log-level": None,
             "userli-token": "from-option",
         }
-        config = Config.from_sources(environ, options)
+        config = configFrom(environ, options)
         self.assertEqual(config.lookup_cache_ttl, 3600.0)
         self.assertEqual(config.log_level, "error")
         self.assertEqual(config.userli_token, "from-option")
@@ -503,7 +501,7 @@ class ConfigTests(SynchronousTestCase):
         An option given as an empty string is a choice (e.g. no Redis), not
         an absent option.
         """
-        config = Config.from_sources({**TOKEN, "REDIS_URL": "redis://redis"}, {"redis-url": ""})
+        config = configFrom({**TOKEN, "REDIS_URL": "redis://redis"}, {"redis-url": ""})
         self.assertIsNone(config.redis)
 
     def test_every_option_is_read(self) -> None:
@@ -534,9 +532,9 @@ class ConfigTests(SynchronousTestCase):
         }
         environ = {s.variable: values[s.variable] for s in SETTINGS if s.variable in values}
         self.assertEqual(len(environ), len(values))
-        fromOptions = Config.from_sources({}, options)
-        self.assertEqual(fromOptions, Config.from_sources(environ))
-        self.assertNotEqual(fromOptions, Config.from_sources(TOKEN))
+        fromOptions = configFrom({}, options)
+        self.assertEqual(fromOptions, configFrom(environ))
+        self.assertNotEqual(fromOptions, configFrom(TOKEN))
 
     def test_log_level_aliases(self) -> None:
         """Levels are case-insensitive, and Go's C{warning} spelling means C{warn}."""
@@ -546,12 +544,12 @@ class ConfigTests(SynchronousTestCase):
             ("Error", "error"),
             ("", "info"),
         ]:
-            config = Config.from_sources({**TOKEN, "LOG_LEVEL": value})
+            config = configFrom({**TOKEN, "LOG_LEVEL": value})
             self.assertEqual(config.log_level, level)
 
     def test_multi_character_delimiter(self) -> None:
         """Postfix allows several delimiter characters; they are kept as given."""
-        config = Config.from_sources({**TOKEN, "POSTFIX_RECIPIENT_DELIMITER": "+-"})
+        config = configFrom({**TOKEN, "POSTFIX_RECIPIENT_DELIMITER": "+-"})
         self.assertEqual(config.recipient_delimiter, "+-")
 
     def test_rate_limit_message_one_line(self) -> None:
@@ -559,9 +557,9 @@ class ConfigTests(SynchronousTestCase):
         The rate-limit text becomes part of a one-line policy reply: line breaks
         collapse to spaces, and an empty text falls back to the default.
         """
-        config = Config.from_sources({**TOKEN, "RATE_LIMIT_MESSAGE": "Too many\r\nmails\t today "})
+        config = configFrom({**TOKEN, "RATE_LIMIT_MESSAGE": "Too many\r\nmails\t today "})
         self.assertEqual(config.rate_limit_message, "Too many mails today")
-        config = Config.from_sources({**TOKEN, "RATE_LIMIT_MESSAGE": " \n "})
+        config = configFrom({**TOKEN, "RATE_LIMIT_MESSAGE": " \n "})
         self.assertEqual(config.rate_limit_message, "Rate limit exceeded, please try again later")
 
     def test_rate_limit_action(self) -> None:
@@ -570,7 +568,7 @@ class ConfigTests(SynchronousTestCase):
         answer) and takes each access(5) action the policy may give, in any
         case.
         """
-        self.assertEqual(Config.from_sources(TOKEN).rate_limit_action, "REJECT")
+        self.assertEqual(configFrom(TOKEN).rate_limit_action, "REJECT")
         for value, action in [
             ("REJECT", "REJECT"),
             ("defer", "DEFER"),
@@ -579,7 +577,7 @@ class ConfigTests(SynchronousTestCase):
             ("warn", "WARN"),
             ("", "REJECT"),
         ]:
-            config = Config.from_sources({**TOKEN, "RATE_LIMIT_ACTION": value})
+            config = configFrom({**TOKEN, "RATE_LIMIT_ACTION": value})
             self.assertEqual(config.rate_limit_action, action, value)
         self.assertEqual({s.variable: s.default for s in SETTINGS}["RATE_LIMIT_ACTION"], "REJECT")
 
@@ -588,26 +586,26 @@ class ConfigTests(SynchronousTestCase):
         C{RATE_LIMIT_IDENTITY} is C{sasl_or_sender} by default (the Go
         program's rule) and may be C{sasl}.
         """
-        self.assertEqual(Config.from_sources(TOKEN).rate_limit_identity, "sasl_or_sender")
+        self.assertEqual(configFrom(TOKEN).rate_limit_identity, "sasl_or_sender")
         for value, identity in [("SASL", "sasl"), ("sasl_or_sender", "sasl_or_sender")]:
-            config = Config.from_sources({**TOKEN, "RATE_LIMIT_IDENTITY": value})
+            config = configFrom({**TOKEN, "RATE_LIMIT_IDENTITY": value})
             self.assertEqual(config.rate_limit_identity, identity)
 
     def test_zero_ttl(self) -> None:
         """C{LOOKUP_CACHE_TTL=0} is allowed: it turns the cache off."""
-        config = Config.from_sources({**TOKEN, "LOOKUP_CACHE_TTL": "0"})
+        config = configFrom({**TOKEN, "LOOKUP_CACHE_TTL": "0"})
         self.assertEqual(config.lookup_cache_ttl, 0.0)
 
     def test_remote_domain_ttl(self) -> None:
         """C{REMOTE_DOMAIN_CACHE_TTL} is a Go duration; C{0} turns the memory off."""
         for value, seconds in [("0", 0.0), ("90s", 90.0), ("1h30m", 5400.0), ("1.5m", 90.0)]:
-            config = Config.from_sources({**TOKEN, "REMOTE_DOMAIN_CACHE_TTL": value})
+            config = configFrom({**TOKEN, "REMOTE_DOMAIN_CACHE_TTL": value})
             self.assertEqual(config.remote_domain_cache_ttl, seconds, value)
 
     def test_empty_sasl_is_off(self) -> None:
         """An empty or blank C{SASL_LISTEN_ADDR} leaves the SASL listener off."""
         for value in ["", "  "]:
-            config = Config.from_sources({**TOKEN, "SASL_LISTEN_ADDR": value})
+            config = configFrom({**TOKEN, "SASL_LISTEN_ADDR": value})
             self.assertIsNone(config.sasl_listen)
 
     def test_errors_name_their_variable(self) -> None:
@@ -642,7 +640,7 @@ class ConfigTests(SynchronousTestCase):
         ]
         for variable, value in table:
             environ = {**TOKEN, variable: value}
-            error = self.assertRaises(ConfigError, Config.from_sources, environ)
+            error = self.assertRaises(ConfigError, configFrom, environ)
             self.assertEqual(error.variable, variable, f"{variable}={value!r}")
             self.assertTrue(str(error).startswith(f"{variable}: "), str(error))
 
@@ -685,30 +683,28 @@ class ConfigTests(SynchronousTestCase):
         ]
         for variable, value in table:
             environ = {**TOKEN, "REDIS_URL": "redis://redis", variable: value}
-            error = self.assertRaises(ConfigError, Config.from_sources, environ)
+            error = self.assertRaises(ConfigError, configFrom, environ)
             self.assertEqual(error.variable, variable, f"{variable}={value!r}")
 
     def test_rate_limit_message_control_characters(self) -> None:
         """Control characters in the reject text become spaces: the reply stays one line."""
-        config = Config.from_sources({**TOKEN, "RATE_LIMIT_MESSAGE": "Too\x07 many\x1b[0m mails"})
+        config = configFrom({**TOKEN, "RATE_LIMIT_MESSAGE": "Too\x07 many\x1b[0m mails"})
         self.assertEqual(config.rate_limit_message, "Too many [0m mails")
 
     def test_token_required(self) -> None:
         """Without C{USERLI_TOKEN} the daemon refuses to start, as the Go program does."""
-        error = self.assertRaises(ConfigError, Config.from_sources, {})
+        error = self.assertRaises(ConfigError, configFrom, {})
         self.assertEqual(error.variable, "USERLI_TOKEN")
 
     def test_secrets_not_in_repr(self) -> None:
         """Neither the API token nor the Redis password shows in the configuration's repr."""
-        config = Config.from_sources(
-            {"USERLI_TOKEN": "tok-12345", "REDIS_URL": "redis://:pw-67890@redis/0"}
-        )
+        config = configFrom({"USERLI_TOKEN": "tok-12345", "REDIS_URL": "redis://:pw-67890@redis/0"})
         self.assertNotIn("tok-12345", repr(config))
         self.assertNotIn("pw-67890", repr(config))
 
     def test_frozen(self) -> None:
         """The configuration cannot be changed once built."""
-        config = Config.from_sources(TOKEN)
+        config = configFrom(TOKEN)
         self.assertRaises(AttributeError, setattr, config, "lookup_cache_ttl", 1.0)
 
 
@@ -721,7 +717,7 @@ class TLSPolicySettingsTests(SynchronousTestCase):
         EHLO with this host's fully qualified name, not C{localhost}.
         """
         self.patch(config_module.socket, "getfqdn", lambda: "mail.example.org")
-        config = Config.from_sources(TOKEN)
+        config = configFrom(TOKEN)
         self.assertEqual(config.tls_policy_cache_ttl_tls, 168 * 3600.0)
         self.assertEqual(config.tls_policy_cache_ttl_notls, 24 * 3600.0)
         self.assertEqual(config.tls_policy_smtp_port, 25)
@@ -731,7 +727,7 @@ class TLSPolicySettingsTests(SynchronousTestCase):
     def test_unusableHostName(self) -> None:
         """A host name that cannot go into EHLO falls back to C{localhost}."""
         self.patch(config_module.socket, "getfqdn", lambda: "bad_name.example")
-        self.assertEqual(Config.from_sources(TOKEN).tls_policy_ehlo_hostname, "localhost")
+        self.assertEqual(configFrom(TOKEN).tls_policy_ehlo_hostname, "localhost")
 
     def test_values(self) -> None:
         """Each variable is read, from the environment or as an option."""
@@ -743,14 +739,14 @@ class TLSPolicySettingsTests(SynchronousTestCase):
             "TLS_POLICY_CACHE_TTL_TLS": "1h",
             "TLS_POLICY_CACHE_TTL_NOTLS": "10m",
         }
-        config = Config.from_sources(environ)
+        config = configFrom(environ)
         self.assertEqual(config.tls_policy_nameservers, (("127.0.0.1", 5353), ("192.0.2.53", 53)))
         self.assertEqual(config.tls_policy_smtp_port, 2525)
         self.assertEqual(config.tls_policy_ehlo_hostname, "probe.example.net")
         self.assertEqual(config.tls_policy_cache_ttl_tls, 3600.0)
         self.assertEqual(config.tls_policy_cache_ttl_notls, 600.0)
         options = {s.option: environ[s.variable] for s in SETTINGS if s.variable in environ}
-        self.assertEqual(Config.from_sources({}, options), config)
+        self.assertEqual(configFrom({}, options), config)
 
     def test_errors(self) -> None:
         """Every bad value is refused naming its variable."""
@@ -772,5 +768,5 @@ class TLSPolicySettingsTests(SynchronousTestCase):
             ("TLS_POLICY_CACHE_TTL_NOTLS", "a day"),
         ]
         for variable, value in table:
-            error = self.assertRaises(ConfigError, Config.from_sources, {**TOKEN, variable: value})
+            error = self.assertRaises(ConfigError, configFrom, {**TOKEN, variable: value})
             self.assertEqual(error.variable, variable, f"{variable}={value!r}")

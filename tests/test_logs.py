@@ -12,9 +12,9 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Any
+from typing import IO, Any
 
-from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import syslog as twisted_syslog
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -22,11 +22,17 @@ from userli_postfix.logs import (
     LEVELS,
     PipeObserver,
     daemonObserver,
-    makeObserver,
+    filtered,
     relayedEvent,
+    streamObserver,
     withoutCredentials,
     workerObserver,
 )
+
+
+def makeObserver(level: str, format: str, stream: IO[str]) -> ILogObserver:
+    """An observer that drops events below C{level} and writes the rest in C{format}."""
+    return filtered(streamObserver(stream, format), level)
 
 
 class LevelTests(SynchronousTestCase):

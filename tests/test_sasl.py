@@ -216,7 +216,7 @@ class HandshakeTests(SASLTestMixin, SynchronousTestCase):
         self.send(protocol, b"VERSION\t1\t99", b"CPID\t77")
         self.assertEqual(self.replies(transport), [])
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(protocol.clientPid, "77")
+        self.assertEqual(protocol.conversation.client_pid, "77")
 
     def test_otherMajorVersionClosed(self) -> None:
         """A client speaking another major version is disconnected."""

@@ -24,10 +24,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from tests.doubles import configFrom
 from userli_postfix import __version__, daemon, tap
 from userli_postfix import config as config_module
 from userli_postfix.cache import MemoryCache, NearCache
-from userli_postfix.config import SETTINGS, Config
+from userli_postfix.config import SETTINGS
 from userli_postfix.socketmap import SocketmapFactory, netstring
 from userli_postfix.tlspolicy import MemoryPolicyCache, RedisPolicyCache
 
@@ -61,7 +62,7 @@ class OptionsTests(SynchronousTestCase):
     def test_environment(self) -> None:
         """Without flags the environment is used, with the documented defaults."""
         options = self.parse()
-        self.assertEqual(options.config, Config.from_sources({"USERLI_TOKEN": "env-token"}))
+        self.assertEqual(options.config, configFrom({"USERLI_TOKEN": "env-token"}))
 
     def test_flag_over_environment(self) -> None:
         """A flag wins over the variable."""
@@ -94,9 +95,7 @@ class OptionsTests(SynchronousTestCase):
         }
         argv = [f"--{name}={value}" for name, value in values.items()]
         config = self.parse(*argv).config
-        self.assertEqual(
-            config, Config.from_sources({}, {s.option: values.get(s.option) for s in SETTINGS})
-        )
+        self.assertEqual(config, configFrom({}, {s.option: values.get(s.option) for s in SETTINGS}))
         self.assertEqual(config.sasl_listen, "tcp6:20006:interface=\\:\\::backlog=4096")
         self.assertEqual(config.log_format, "json")
 
@@ -178,7 +177,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def build(self, **environ: str) -> tuple[Any, MemoryReactorClock]:
         reactor = MemoryReactorClock()
-        config = Config.from_sources({"USERLI_TOKEN": "t", **environ})
+        config = configFrom({"USERLI_TOKEN": "t", **environ})
         return tap.makeService({"config": config}, reactor=reactor), reactor
 
     def test_default_listeners(self) -> None:
@@ -244,9 +243,13 @@ class MakeServiceTests(SynchronousTestCase):
         lookup cache's keys, and keeps no copy before tracking is established.
         """
         service, _ = self.build(REDIS_URL="redis://redis:6379/0")
-        cache = service.getServiceNamed("socketmap").factory.lookups._cache
+        lookups = service.getServiceNamed("socketmap").factory.lookups
+        cache = lookups._cache
         self.assertIsInstance(cache, NearCache)
-        self.assertFalse(cache.coherent)
+        coherent = lookups._metrics.registry.get_sample_value(
+            "userli_postfix_adapter_near_cache_coherent"
+        )
+        self.assertEqual(coherent, 0)
         tracker = service._redis._tracker
         self.assertIs(tracker.listener, cache)
         self.assertEqual(tracker.prefix, "userli:lookup:")

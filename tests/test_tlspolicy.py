@@ -17,8 +17,7 @@ from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.doubles import FakeLookupClient
-from userli_postfix.config import Config
+from tests.doubles import FakeLookupClient, configFrom
 from userli_postfix.lookups import Lookups
 from userli_postfix.metrics import Metrics
 from userli_postfix.redisclient import RedisUnavailable
@@ -348,7 +347,7 @@ class ResolverTests(SynchronousTestCase):
 
     def test_nameservers(self) -> None:
         """With C{TLS_POLICY_NAMESERVERS} only those are asked, never resolv.conf's."""
-        config = Config.from_sources(
+        config = configFrom(
             {"USERLI_TOKEN": "t", "TLS_POLICY_NAMESERVERS": "127.0.0.1:5353,127.0.0.2:53"}
         )
         resolver = makeResolver(config, Clock())()
@@ -358,7 +357,7 @@ class ResolverTests(SynchronousTestCase):
 
     def test_system(self) -> None:
         """Without it, the system's C{/etc/resolv.conf}."""
-        config = Config.from_sources({"USERLI_TOKEN": "t"})
+        config = configFrom({"USERLI_TOKEN": "t"})
         resolver = makeResolver(config, Clock())()
         assert isinstance(resolver, client.Resolver)
         self.assertEqual(resolver.servers, [])

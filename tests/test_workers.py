@@ -25,10 +25,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import userli_postfix
+from tests.doubles import configFrom
 from tests.test_endpoints import FakePort
 from tests.test_logs import Pipe
 from tests.test_multiprocess import readTotals, writeMetrics
-from userli_postfix.config import MAX_WORKERS, Config, ConfigError
+from userli_postfix.config import MAX_WORKERS, ConfigError
 from userli_postfix.logs import workerObserver
 from userli_postfix.metrics import Metrics
 from userli_postfix.multiprocess import ARCHIVE
@@ -53,19 +54,19 @@ class WorkersSettingTests(SynchronousTestCase):
 
     def test_default_one(self) -> None:
         """Without the setting the daemon is one process, Redis or not."""
-        self.assertEqual(Config.from_sources({"USERLI_TOKEN": "t"}).workers, 1)
+        self.assertEqual(configFrom({"USERLI_TOKEN": "t"}).workers, 1)
 
     def test_with_redis(self) -> None:
         """With REDIS_URL any count from 1 to the maximum is accepted."""
         for value in ("1", "2", str(MAX_WORKERS)):
-            config = Config.from_sources(
+            config = configFrom(
                 {"USERLI_TOKEN": "t", "WORKERS": value, "REDIS_URL": "redis://r:6379/0"}
             )
             self.assertEqual(config.workers, int(value))
 
     def test_option_wins(self) -> None:
         """The twistd option C{--workers} wins over the environment."""
-        config = Config.from_sources(
+        config = configFrom(
             {"USERLI_TOKEN": "t", "WORKERS": "2", "REDIS_URL": "redis://r/0"}, {"workers": "3"}
         )
         self.assertEqual(config.workers, 3)
@@ -73,7 +74,7 @@ class WorkersSettingTests(SynchronousTestCase):
     def test_refused_without_redis(self) -> None:
         """More than one worker without REDIS_URL is refused, naming WORKERS and why."""
         with self.assertRaises(ConfigError) as caught:
-            Config.from_sources({"USERLI_TOKEN": "t", "WORKERS": "2"})
+            configFrom({"USERLI_TOKEN": "t", "WORKERS": "2"})
         self.assertEqual(caught.exception.variable, "WORKERS")
         self.assertIn("REDIS_URL", str(caught.exception))
 
@@ -81,9 +82,7 @@ class WorkersSettingTests(SynchronousTestCase):
         """Zero, negative, non-numbers and absurd counts are refused."""
         for value in ("0", "-1", "two", "1.5", str(MAX_WORKERS + 1)):
             with self.assertRaises(ConfigError) as caught:
-                Config.from_sources(
-                    {"USERLI_TOKEN": "t", "WORKERS": value, "REDIS_URL": "redis://r/0"}
-                )
+                configFrom({"USERLI_TOKEN": "t", "WORKERS": value, "REDIS_URL": "redis://r/0"})
             self.assertEqual(caught.exception.variable, "WORKERS")
 
 
@@ -115,7 +114,7 @@ class InheritanceTests(SynchronousTestCase):
         self.assertEqual(env["USERLI_TOKEN"], "t")
         self.assertEqual(env["HOME"], "/root")
         self.assertNotIn("SOCKETMAP_LISTEN_ADDR", env)
-        config = Config.from_sources(env)
+        config = configFrom(env)
         self.assertEqual(config.log_level, "debug")
 
     def test_environment_finds_package(self) -> None:
@@ -574,7 +573,7 @@ class ParallelStopTests(SynchronousTestCase):
         from userli_postfix import daemon, tap
 
         reactor = MemoryReactorClock()
-        config = Config.from_sources({"USERLI_TOKEN": "t"})
+        config = configFrom({"USERLI_TOKEN": "t"})
         service: Any = tap.makeService({"config": config}, reactor=reactor)
         children = SlowToStop()
         children.setServiceParent(service)

@@ -153,7 +153,10 @@ def _decode(value: object) -> bytes | None:
 
 
 class RedisCache:
-    """OK answers in Redis, in the Go program's layout."""
+    """
+    OK answers in Redis, in the Go program's layout: the backend of
+    L{NearCache}, which batches what goes to it.
+    """
 
     def __init__(self, redis: RedisClient, ttl: float) -> None:
         self._redis = redis
@@ -163,13 +166,6 @@ class RedisCache:
     def ttl(self) -> float:
         """How long an entry is kept unless its writer says otherwise."""
         return self._ttl
-
-    def peek(self, mapname: str, key: str) -> bytes | None:
-        """Nothing is held in this process: always ask Redis."""
-        return None
-
-    def get(self, mapname: str, key: str) -> defer.Deferred[bytes | None]:
-        return self._redis.execute("GET", cache_key(mapname, key)).addCallback(_decode)
 
     def getMany(self, items: list[tuple[str, str]]) -> defer.Deferred[list[bytes | None]]:
         """
@@ -320,11 +316,6 @@ class NearCache:
 
     def __len__(self) -> int:
         return len(self._near)
-
-    @property
-    def coherent(self) -> bool:
-        """Whether Redis reports every change, so that copies may be kept."""
-        return self._coherent
 
     # InvalidationListener
 

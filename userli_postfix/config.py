@@ -626,20 +626,13 @@ class Config:
         return description
 
     @classmethod
-    def from_sources(
-        cls, environ: Mapping[str, str], options: Mapping[str, str | None] | None = None
-    ) -> Config:
+    def from_values(cls, raw: Mapping[str, str | None]) -> Config:
         """
-        Build the configuration from the environment, with twistd options
-        (keyed by option name) taking precedence.
+        Check raw values keyed by variable name (L{raw_values}: the
+        environment, with twistd options taking precedence).
 
         @raise ConfigError: naming the first variable that is wrong.
         """
-        return cls.from_values(raw_values(environ, options))
-
-    @classmethod
-    def from_values(cls, raw: Mapping[str, str | None]) -> Config:
-        """Check raw values keyed by variable name; see L{from_sources}."""
 
         def get(name: str) -> str:
             return raw.get(name) or ""

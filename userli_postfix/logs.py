@@ -300,8 +300,3 @@ def relayedEvent(line: bytes) -> LogEvent | None:
 
 
 _LEVELS = frozenset(LogLevel.iterconstants())
-
-
-def makeObserver(level: str, format: str, stream: IO[str] | None = None) -> ILogObserver:
-    """An observer that drops events below C{level} and writes the rest in C{format}."""
-    return filtered(streamObserver(stream if stream is not None else sys.stdout, format), level)

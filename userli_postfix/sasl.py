@@ -90,11 +90,6 @@ class SASLServerProtocol(ConnectionMixin, LineReceiver):
         super().connectionLost(reason)
 
     @property
-    def clientPid(self) -> str:
-        """The pid the client gave in its CPID line, empty until then."""
-        return self.conversation.client_pid
-
-    @property
     def pending(self) -> int:
         """Logins queued or being decided."""
         return len(self.logins)

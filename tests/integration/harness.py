@@ -37,6 +37,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from tests.doubles import configFrom
 from tests.fake_userli import TOKEN
 from userli_postfix.config import SETTINGS
 from userli_postfix.workers import LISTENERS_VARIABLE, METRICS_VARIABLE
@@ -279,10 +280,9 @@ def wait_for_redis(redis: RedisServer, daemon: Daemon, after: int = 0) -> None:
     answers to those C{SELECT}s reached the daemon before that request did,
     and it handles them (a reactor turn later) before it answers.
     """
-    from userli_postfix.config import Config
     from userli_postfix.redisclient import POOL_SIZE
 
-    config = Config.from_sources({k: v for k, v in daemon.env.items() if v is not None})
+    config = configFrom({k: v for k, v in daemon.env.items() if v is not None})
     tracked = max(config.lookup_cache_ttl, config.remote_domain_cache_ttl) > 0
     if tracked and daemon.metrics is not None:
         wait_for(
