@@ -49,9 +49,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import abstract, defer, error, fdesc
-from twisted.internet.interfaces import (
-    IDelayedCall,
-)
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
