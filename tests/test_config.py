@@ -16,7 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.doubles import configFrom
 from userli_postfix import config as config_module
 from userli_postfix.config import (
+    LISTENERS,
     SETTINGS,
+    Config,
     ConfigError,
     RedisTarget,
     listen_endpoint,
@@ -229,6 +231,52 @@ class ListenEndpointTests(SynchronousTestCase):
         )
         self.assertEqual(error.variable, "POLICY_LISTEN_ADDR")
         self.assertIn("LISTEN_FDS", str(error))
+
+
+class ListenersTableTests(SynchronousTestCase):
+    """L{LISTENERS}: the one table of the daemon's listeners."""
+
+    def test_every_listen_setting(self) -> None:
+        """Every listen address setting has its listener, and no listener lacks its setting."""
+        variables = [s.variable for s in SETTINGS if s.variable.endswith("_LISTEN_ADDR")]
+        self.assertEqual(sorted(listener.variable for listener in LISTENERS), sorted(variables))
+
+    def test_endpoints(self) -> None:
+        """
+        Each listener's endpoint is read from its own setting; SASL alone
+        is off without an address, the others are an error naming theirs.
+        """
+        environ = {
+            **TOKEN,
+            "SOCKETMAP_LISTEN_ADDR": "127.0.0.1:1",
+            "POLICY_LISTEN_ADDR": "127.0.0.1:2",
+            "METRICS_LISTEN_ADDR": "127.0.0.1:3",
+            "SASL_LISTEN_ADDR": "127.0.0.1:4",
+        }
+        config = configFrom(environ)
+        ports = {listener.name: config.endpoint(listener) for listener in LISTENERS}
+        self.assertEqual(
+            ports,
+            {
+                name: f"tcp:{port}:interface=127.0.0.1:backlog=4096"
+                for name, port in (("socketmap", 1), ("policy", 2), ("http", 3), ("sasl", 4))
+            },
+        )
+        self.assertIsNone(configFrom({**environ, "SASL_LISTEN_ADDR": " "}).sasl_listen)
+        for listener in LISTENERS:
+            if listener.optional:
+                continue
+            with self.assertRaises(ConfigError) as caught:
+                configFrom({**environ, listener.variable: " "})
+            self.assertEqual(caught.exception.variable, listener.variable)
+
+    def test_postfix_listeners(self) -> None:
+        """Postfix (and so every worker process) is served by all but the HTTP listener."""
+        self.assertEqual(
+            [listener.name for listener in LISTENERS if listener.postfix],
+            ["socketmap", "policy", "sasl"],
+        )
+        self.assertEqual(Config(userli_token="t").endpoint(LISTENERS[2]), "tcp:10002")
 
 
 class IPv6ProbeTests(SynchronousTestCase):
