@@ -51,7 +51,7 @@ LOCAL = ["user2@example.org", "user3@example.org", "alias1@example.org", "alias2
 OUTSIDERS = [f"someone@outside{k}.test" for k in range(1, 5)]
 ENDPOINTS = ("domain", "alias", "mailbox", "senders", "smtp_quota", "auth")
 
-# The Go program, measured the same way (see the README's Performance section).
+# The Go program, measured the same way (see docs/performance.md).
 GO_CALLS = {
     "outbound": (5.00, {"domain": 2.00, "alias": 2.00, "smtp_quota": 1.00}),
     "inbound": (

@@ -28,7 +28,7 @@ while it was in flight:
    was after the warm-up.
 
 The figures (requests answered, worst answer time, memory) are printed;
-C{tests/integration/HARDENING.md} records a run.
+C{docs/reliability.md} records a run.
 """
 
 from __future__ import annotations
