@@ -37,6 +37,7 @@ NOTFOUND = b"NOTFOUND "
 
 
 def _ok_list(mapname: str, value: list[str]) -> bytes:
+    """A list as Postfix takes it, or C{TEMP} when it is longer than L{MAX_REPLY}."""
     if not value:
         return NOTFOUND
     reply = b"OK " + ",".join(value).encode("utf-8")
@@ -76,7 +77,6 @@ class Lookups:
         self._others = dict(others or {})
         self._cache = cache
         self._remote = remote
-        self._metrics = metrics
         self._clock = clock
         # By (map, key as sent): the answer and its cache write.
         self._answers: Coalescer[tuple[str, str], bytes] = Coalescer(ordered=False)
@@ -226,7 +226,10 @@ class Lookups:
         call: Callable[[str], Any],
         render: Callable[[Any], bytes],
     ) -> defer.Deferred[bytes]:
-        """The answer for one spelling, stored before it is given."""
+        """
+        The answer for one spelling, stored before it is given: identical
+        lookups share it, spellings of one key share the API call.
+        """
         d = self._calls.ask((mapname, normalised), self._ask, mapname, normalised, call, render)
         return d.addCallback(self._store, mapname, key)
 
