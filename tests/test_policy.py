@@ -599,6 +599,22 @@ class MessageTests(PolicyTestCase):
 class ActionTests(PolicyTestCase):
     """C{RATE_LIMIT_ACTION}: what a sender over quota gets, told apart in the metrics."""
 
+    def test_series_from_start(self) -> None:
+        """Every outcome of a decision has its series at 0 before the first request."""
+        QuotaPolicy(self.client, self.limiter, self.clock, self.metrics, action="HOLD")
+        for stage, action in (
+            ("skip", "dunno"),
+            ("check", "dunno"),
+            ("check", "error"),
+            ("check", "hold"),
+        ):
+            labels = {"stage": stage, "action": action}
+            for name in ("policy_requests_total", "policy_request_duration_seconds_count"):
+                value = self.metrics.registry.get_sample_value(
+                    f"userli_postfix_adapter_{name}", labels
+                )
+                self.assertEqual(value, 0.0, (name, labels))
+
     def over_quota(self, action: str) -> list[str]:
         """Four messages of C{limited@} (3 an hour) with C{action}: the answers."""
         policy = QuotaPolicy(

@@ -246,9 +246,9 @@ class MakeServiceTests(SynchronousTestCase):
         lookups = service.getServiceNamed("socketmap").factory.lookups
         cache = lookups._cache
         self.assertIsInstance(cache, NearCache)
-        coherent = lookups._metrics.registry.get_sample_value(
-            "userli_postfix_adapter_near_cache_coherent"
-        )
+        # The daemon's one registry, as the tls_policy map holds it.
+        registry = lookups._others["tls_policy"].__self__._metrics.registry
+        coherent = registry.get_sample_value("userli_postfix_adapter_near_cache_coherent")
         self.assertEqual(coherent, 0)
         tracker = service._redis._tracker
         self.assertIs(tracker.listener, cache)
@@ -265,11 +265,12 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(lookups.answer(b"tls_policy not..a.domain"), b"NOTFOUND ")
         d = defer.maybeDeferred(lookups.answer, b"tls_policy example.org")
         self.assertEqual(self.successResultOf(d), b"NOTFOUND ")
-        errors = lookups._metrics.registry.get_sample_value(
+        policy = lookups._others["tls_policy"].__self__
+        errors = policy._metrics.registry.get_sample_value(
             "userli_postfix_adapter_tls_policy_probe_total", {"result": "error"}
         )
         self.assertEqual(errors, 1)
-        self.assertIsInstance(lookups._others["tls_policy"].__self__._cache, MemoryPolicyCache)
+        self.assertIsInstance(policy._cache, MemoryPolicyCache)
 
     def test_tls_policy_in_redis(self) -> None:
         """With C{REDIS_URL} the verdicts are kept in Redis."""

@@ -32,7 +32,7 @@ from userli_postfix.dovecotauth import (
     Verdict,
     sanitise,
 )
-from userli_postfix.metrics import Metrics
+from userli_postfix.metrics import Metrics, increments, observations
 from userli_postfix.userli import AuthResult, UserliClient, UserliError
 
 log = Logger()
@@ -64,7 +64,8 @@ class Authenticator:
     ) -> None:
         self._client = client
         self._clock = clock
-        self._metrics = metrics
+        self._logins = increments(metrics.sasl_auth)
+        self._durations = observations(metrics.sasl_auth_duration)
         self._delimiter = delimiter
         self.failure_delay = failure_delay
 
@@ -181,8 +182,8 @@ class Authenticator:
         return Verdict(ERROR, reason=REASON_UNSUPPORTED)
 
     def _count(self, mechanism: str, elapsed: float, result: str) -> None:
-        self._metrics.sasl_auth.labels(mechanism, result).inc()
-        self._metrics.sasl_auth_duration.labels(mechanism, result).observe(elapsed)
+        self._logins[mechanism, result]()
+        self._durations[mechanism, result](elapsed)
 
     def _finish(self, mechanism: str, started: float, verdict: Verdict) -> defer.Deferred[Verdict]:
         # The duration measures the decision, not the brake applied after it.

@@ -4,7 +4,8 @@ Answers to socketmap requests: a (map, key) in, a reply text out.
 The decision lives here, apart from the netstring framing: which maps
 exist, how keys are normalised, when the cache is asked, and how API
 answers become ``OK``/``NOTFOUND``/``TEMP``/``PERM``.  Identical lookups in
-flight at the same moment share one API call.  A key in a domain Userli
+flight at the same moment share one API call (L{userli_postfix.coalesce}),
+and each spelling among them one cache write.  A key in a domain Userli
 said it does not host is ``NOTFOUND`` without a call (see
 L{userli_postfix.remotedomains}).
 """
@@ -12,6 +13,7 @@ L{userli_postfix.remotedomains}).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer
@@ -21,7 +23,8 @@ from twisted.python.failure import Failure
 
 from userli_postfix.addresses import normalise_address, normalise_domain
 from userli_postfix.cache import LookupCache
-from userli_postfix.metrics import Metrics
+from userli_postfix.coalesce import Coalescer
+from userli_postfix.metrics import Metrics, increments, observations
 from userli_postfix.remotedomains import RemoteDomains, domain_of
 from userli_postfix.userli import CircuitOpen, UserliClient
 
@@ -33,17 +36,19 @@ MAX_REPLY = 100_000
 NOTFOUND = b"NOTFOUND "
 
 
-def _ok_list(value: list[str]) -> bytes:
-    return b"OK " + ",".join(value).encode("utf-8") if value else NOTFOUND
+def _ok_list(mapname: str, value: list[str]) -> bytes:
+    """A list as Postfix takes it, or C{TEMP} when it is longer than L{MAX_REPLY}."""
+    if not value:
+        return NOTFOUND
+    reply = b"OK " + ",".join(value).encode("utf-8")
+    if len(reply) > MAX_REPLY:
+        log.error("Userli {map} answer too long for Postfix", map=mapname)
+        return b"TEMP answer too long for Postfix"
+    return reply
 
 
 def _ok_flag(value: bool) -> bytes:
     return b"OK 1" if value else NOTFOUND
-
-
-def _fire(waiters: list[defer.Deferred[bytes]], reply: bytes) -> None:
-    for waiter in waiters:
-        waiter.callback(reply)
 
 
 class Lookups:
@@ -72,26 +77,25 @@ class Lookups:
         self._others = dict(others or {})
         self._cache = cache
         self._remote = remote
-        self._metrics = metrics
         self._clock = clock
-        self._delimiter = delimiter
-        # (map, normalised key) -> the waiters, each with its key as sent.
-        self._inflight: dict[tuple[str, str], list[tuple[str, defer.Deferred[bytes]]]] = {}
-        self._series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
-        self._cacheSeries: dict[tuple[str, str], Callable[[], None]] = {}
-        self._remoteSeries: dict[str, Callable[[], None]] = {}
+        # By (map, key as sent): the answer and its cache write.
+        self._answers: Coalescer[tuple[str, str], bytes] = Coalescer(ordered=False)
+        # By (map, normalised key): the API call that spellings share.
+        self._calls: Coalescer[tuple[str, str], bytes] = Coalescer(ordered=False)
+        self._requests = increments(metrics.requests)
+        self._durations = observations(metrics.request_duration)
+        self._cacheResults = increments(metrics.lookup_cache)
+        self._remoteAnswers = increments(metrics.remote_domain_answers)
+        address = partial(normalise_address, delimiter=delimiter)
         # map name -> (key normaliser, API call, reply formatter)
         self._maps: dict[
             str, tuple[Callable[[str], str | None], Callable[[str], Any], Callable[[Any], bytes]]
         ] = {
-            "alias": (self._address, client.alias, _ok_list),
+            "alias": (address, client.alias, partial(_ok_list, "alias")),
             "domain": (normalise_domain, self._domain if remote else client.domain, _ok_flag),
-            "mailbox": (self._address, client.mailbox, _ok_flag),
-            "senders": (self._address, client.senders, _ok_list),
+            "mailbox": (address, client.mailbox, _ok_flag),
+            "senders": (address, client.senders, partial(_ok_list, "senders")),
         }
-
-    def _address(self, key: str) -> str | None:
-        return normalise_address(key, self._delimiter)
 
     def _domain(self, name: str) -> defer.Deferred[bool]:
         """Ask Userli about a domain, and remember it when it is not Userli's."""
@@ -114,18 +118,18 @@ class Lookups:
         entry = self._maps.get(mapname)
         other = self._others.get(mapname)
         if entry is None and other is None:
-            return self._done("invalid", started, b"PERM unknown map")
+            return self._done(b"PERM unknown map", "invalid", started)
         if not space or not raw_key.strip():
-            return self._done(mapname, started, b"PERM request without a key")
+            return self._done(b"PERM request without a key", mapname, started)
         try:
             key = raw_key.decode("utf-8")
         except UnicodeDecodeError:
-            return self._done(mapname, started, NOTFOUND)
+            return self._done(NOTFOUND, mapname, started)
         if other is not None:
             answered = other(key)
             if isinstance(answered, bytes):
-                return self._done(mapname, started, answered)
-            return answered.addCallback(lambda reply: self._done(mapname, started, reply))
+                return self._done(answered, mapname, started)
+            return answered.addCallback(self._done, mapname, started)
         assert entry is not None
         cache = self._cache
         if cache is not None:
@@ -134,8 +138,8 @@ class Lookups:
             # the hottest path costs no Deferred and no round trip.
             reply = cache.peek(mapname, key)
             if reply is not None:
-                self._cacheResult(mapname, "hit")
-                return self._done(mapname, started, reply)
+                self._cacheResults[mapname, "hit"]()
+                return self._done(reply, mapname, started)
         # After the held OK answers, so that a hot key of a hosted domain
         # costs nothing more; before any Redis read or API call.  The domain
         # as Postfix sent it: when that is a remembered one, so is the
@@ -146,7 +150,7 @@ class Lookups:
         normalise, call, render = entry
         normalised = normalise(key)
         if normalised is None:
-            return self._done(mapname, started, NOTFOUND)
+            return self._done(NOTFOUND, mapname, started)
         if remote is not None:
             domain = domain_of(mapname, normalised)
             known = remote.known(domain)
@@ -167,13 +171,8 @@ class Lookups:
         return self._lookup(mapname, key, normalised, call, render, started)
 
     def _remembered(self, mapname: str, started: float) -> bytes:
-        inc = self._remoteSeries.get(mapname)
-        if inc is None:
-            inc = self._remoteSeries[mapname] = self._metrics.remote_domain_answers.labels(
-                mapname
-            ).inc
-        inc()
-        return self._done(mapname, started, NOTFOUND)
+        self._remoteAnswers[mapname]()
+        return self._done(NOTFOUND, mapname, started)
 
     def _lookup(
         self,
@@ -194,13 +193,13 @@ class Lookups:
 
         def cached(reply: bytes | None) -> defer.Deferred[bytes] | bytes:
             if reply is not None:
-                self._cacheResult(mapname, "hit")
-                return self._done(mapname, started, reply)
-            self._cacheResult(mapname, "miss")
+                self._cacheResults[mapname, "hit"]()
+                return self._done(reply, mapname, started)
+            self._cacheResults[mapname, "miss"]()
             return self._fetch(mapname, key, normalised, call, render, started)
 
         def unavailable(failure: Failure) -> defer.Deferred[bytes] | bytes:
-            self._cacheResult(mapname, "error")
+            self._cacheResults[mapname, "error"]()
             log.debug("Lookup cache unavailable: {error}", error=failure.value)
             return self._fetch(mapname, key, normalised, call, render, started)
 
@@ -215,67 +214,64 @@ class Lookups:
         render: Callable[[Any], bytes],
         started: float,
     ) -> defer.Deferred[bytes]:
-        item = (mapname, normalised)
-        waiters = self._inflight.get(item)
-        waiter: defer.Deferred[bytes] = defer.Deferred()
-        if waiters is None:
-            self._inflight[item] = [(key, waiter)]
-            d: defer.Deferred[Any] = call(normalised)
-            d.addCallback(render)
-            d.addErrback(self._temporary, mapname)
-            d.addCallback(self._release, item)
-        else:
-            waiters.append((key, waiter))
-        return waiter.addCallback(lambda reply: self._done(mapname, started, reply))
+        """Userli's answer, shared with the identical lookups in flight."""
+        d = self._answers.ask((mapname, key), self._stored, mapname, key, normalised, call, render)
+        return d.addCallback(self._done, mapname, started)
 
-    def _temporary(self, failure: Failure, mapname: str) -> bytes:
+    def _stored(
+        self,
+        mapname: str,
+        key: str,
+        normalised: str,
+        call: Callable[[str], Any],
+        render: Callable[[Any], bytes],
+    ) -> defer.Deferred[bytes]:
+        """
+        The answer for one spelling, stored before it is given: identical
+        lookups share it, spellings of one key share the API call.
+        """
+        d = self._calls.ask((mapname, normalised), self._ask, mapname, normalised, call, render)
+        return d.addCallback(self._store, mapname, key)
+
+    def _ask(
+        self,
+        mapname: str,
+        normalised: str,
+        call: Callable[[str], Any],
+        render: Callable[[Any], bytes],
+    ) -> defer.Deferred[bytes]:
+        """Userli's answer for a normalised key, as a reply Postfix accepts."""
+        d: defer.Deferred[Any] = call(normalised)
+        d.addCallback(render)
+        return d.addErrback(self._temporary, mapname)
+
+    @staticmethod
+    def _temporary(failure: Failure, mapname: str) -> bytes:
         # While the circuit breaker is open, it has said so once; a line per
         # lookup answered at once would flood the log.
         if not failure.check(CircuitOpen):
             log.warn("Userli {map} lookup failed: {error}", map=mapname, error=failure.value)
         return b"TEMP Userli API unavailable"
 
-    def _release(self, reply: bytes, item: tuple[str, str]) -> None:
-        mapname = item[0]
-        if len(reply) > MAX_REPLY:
-            log.error("Userli {map} answer too long for Postfix", map=mapname)
-            reply = b"TEMP answer too long for Postfix"
-        byKey: dict[str, list[defer.Deferred[bytes]]] = {}
-        for key, waiter in self._inflight.pop(item):
-            byKey.setdefault(key, []).append(waiter)
-        cache = self._cache if reply.startswith(b"OK ") else None
-        for key, waiters in byKey.items():
-            # Stored before it is given, as the Go program does, so the
-            # next lookup finds it, in this process and in every other on
-            # the same Redis; once per spelling, however many shared it.
-            written = cache.set(mapname, key, reply) if cache is not None else None
-            if written is None:
-                _fire(waiters, reply)
-            else:
-                written.addCallback(lambda _, ws: _fire(ws, reply), waiters)
+    def _store(self, reply: bytes, mapname: str, key: str) -> defer.Deferred[bytes] | bytes:
+        # Stored before it is given, as the Go program does, so the next
+        # lookup finds it, in this process and in every other on the same
+        # Redis; once per spelling, however many shared it.
+        cache = self._cache
+        if cache is None or not reply.startswith(b"OK "):
+            return reply
+        written = cache.set(mapname, key, reply)
+        if written is None:
+            return reply
+        return written.addCallback(lambda _: reply)
 
-    def _cacheResult(self, handler: str, result: str) -> None:
-        inc = self._cacheSeries.get((handler, result))
-        if inc is None:
-            inc = self._cacheSeries[handler, result] = self._metrics.lookup_cache.labels(
-                handler, result
-            ).inc
-        inc()
-
-    def _done(self, handler: str, started: float, reply: bytes) -> bytes:
+    def _done(self, reply: bytes, handler: str, started: float) -> bytes:
         if reply.startswith(b"OK"):
             status = "success"
         elif reply.startswith(b"NOTFOUND"):
             status = "notfound"
         else:
             status = "error"
-        # Looking up a labelled child costs more than using it: keep them.
-        series = self._series.get((handler, status))
-        if series is None:
-            series = self._series[handler, status] = (
-                self._metrics.requests.labels(handler, status).inc,
-                self._metrics.request_duration.labels(handler, status).observe,
-            )
-        series[0]()
-        series[1](self._clock.seconds() - started)
+        self._requests[handler, status]()
+        self._durations[handler, status](self._clock.seconds() - started)
         return reply

@@ -9,7 +9,8 @@ and fixed outcome words.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -236,3 +237,41 @@ class Metrics:
             "Log lines of worker processes dropped because the pipe to the first process was full.",
             registry=r,
         )
+
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+class Children(dict[str | tuple[str, ...], F]):
+    """
+    A labelled metric's children, by their label values (one string, or a
+    tuple of them), as the method that counts on each: C{inc} or
+    C{observe}.
+
+    C{labels()} is a dictionary lookup under a lock and a new child the
+    first time; the code that counts on every request asks it once per
+    label values, here, and then indexes this dictionary (which calls no
+    Python code once the child is known).
+    """
+
+    def __init__(self, child: Callable[[str | tuple[str, ...]], F]) -> None:
+        super().__init__()
+        self._child = child
+
+    def __missing__(self, labels: str | tuple[str, ...]) -> F:
+        method = self[labels] = self._child(labels)
+        return method
+
+
+def _values(labels: str | tuple[str, ...]) -> tuple[str, ...]:
+    return labels if isinstance(labels, tuple) else (labels,)
+
+
+def increments(counter: Counter) -> Children[Callable[[], None]]:
+    """The C{inc} of each child of C{counter}: C{increments(c)["alias", "hit"]()}."""
+    return Children(lambda labels: counter.labels(*_values(labels)).inc)
+
+
+def observations(histogram: Histogram) -> Children[Callable[[float], None]]:
+    """The C{observe} of each child of C{histogram}: C{observations(h)["alias", "ok"](0.1)}."""
+    return Children(lambda labels: histogram.labels(*_values(labels)).observe)

@@ -24,8 +24,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from userli_postfix.addresses import normalise_address
+from userli_postfix.coalesce import Coalescer
 from userli_postfix.config import Config
-from userli_postfix.metrics import Metrics
+from userli_postfix.metrics import Metrics, increments, observations
 from userli_postfix.ratelimit import RateLimiter, Verdict
 from userli_postfix.remotedomains import RemoteDomains
 from userli_postfix.serving import MAX_CONNECTIONS, LimitedFactory, ServingMixin
@@ -137,7 +138,7 @@ class QuotaSource:
         # identity -> (when learned, quota); oldest first, so insertion
         # order is expiry order.
         self._entries: OrderedDict[str, tuple[float, Quota]] = OrderedDict()
-        self._inflight: dict[str, list[defer.Deferred[Quota]]] = {}
+        self._calls: Coalescer[str, Quota] = Coalescer()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -164,28 +165,14 @@ class QuotaSource:
         know it), sharing a call already in flight; fails with the client's
         L{UserliError}.
         """
-        waiter: defer.Deferred[Quota] = defer.Deferred()
-        waiters = self._inflight.get(identity)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._inflight[identity] = [waiter]
-        d = self._client.smtp_quota(identity)
-        d.addBoth(self._answered, identity)
-        return waiter
+        return self._calls.ask(identity, self._ask, identity)
 
-    def _answered(self, result: Quota | Failure | None, identity: str) -> None:
-        waiters = self._inflight.pop(identity)
-        if isinstance(result, Failure):
-            for waiter in waiters:
-                waiter.errback(result)
-            return
+    def _ask(self, identity: str) -> defer.Deferred[Quota]:
+        return self._client.smtp_quota(identity).addCallback(self._learned, identity)
+
+    def _learned(self, result: Quota | None, identity: str) -> Quota:
+        """Userli's answer as a quota, kept for L{peek} and L{lastKnown}."""
         quota = NO_QUOTA if result is None else result
-        self._learn(identity, quota)
-        for waiter in waiters:
-            waiter.callback(quota)
-
-    def _learn(self, identity: str, quota: Quota) -> None:
         now = self._clock.seconds()
         entries = self._entries
         entries.pop(identity, None)
@@ -195,6 +182,7 @@ class QuotaSource:
             if learned + self._keep > now and len(entries) <= self._max:
                 break
             entries.popitem(last=False)
+        return quota
 
 
 class QuotaPolicy:
@@ -235,20 +223,17 @@ class QuotaPolicy:
         self._saslOnly = identity == "sasl"
         self._checked = metrics.quota_checks.labels("checked")
         self._exceeded = metrics.quota_exceeded
-        # Bound once: labels() is a dictionary lookup under a lock, and this
-        # runs for every message.
-        self._outcomes = {
-            (stage, action): (
-                metrics.policy_requests.labels(stage, action),
-                metrics.policy_request_duration.labels(stage, action),
-            )
-            for stage, action in (
-                ("skip", "dunno"),
-                ("check", "dunno"),
-                ("check", "error"),
-                ("check", self._overLabel),
-            )
-        }
+        self._requests = increments(metrics.policy_requests)
+        self._durations = observations(metrics.policy_request_duration)
+        # Every outcome's series is there from the start, at 0.
+        for outcome in (
+            ("skip", "dunno"),
+            ("check", "dunno"),
+            ("check", "error"),
+            ("check", self._overLabel),
+        ):
+            self._requests[outcome]
+            self._durations[outcome]
 
     def decide(self, request: PolicyRequest) -> str | defer.Deferred[str]:
         """The action for C{request}."""
@@ -380,9 +365,8 @@ class QuotaPolicy:
         return self._done("check", "error", started, DUNNO)
 
     def _done(self, stage: str, action: str, started: float, answer: str) -> str:
-        requests, duration = self._outcomes[stage, action]
-        requests.inc()
-        duration.observe(self._clock.seconds() - started)
+        self._requests[stage, action]()
+        self._durations[stage, action](self._clock.seconds() - started)
         return answer
 
 

@@ -29,9 +29,10 @@ from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
 from userli_postfix.addresses import normalise_domain
+from userli_postfix.coalesce import Coalescer
 from userli_postfix.config import Config
 from userli_postfix.deadlines import answerWithin
-from userli_postfix.metrics import Metrics
+from userli_postfix.metrics import Metrics, increments
 from userli_postfix.redisclient import RedisClient
 from userli_postfix.smtpprobe import HostReport, probeAddress
 
@@ -384,12 +385,15 @@ class TLSPolicy:
         self._clock = clock
         self._maxProbes = maxProbes
         self._deadline = deadline
-        self._inflight: dict[str, list[defer.Deferred[str | None]]] = {}
+        # Order does not matter: each asker has its own deadline.
+        self._probes: Coalescer[str, str | None] = Coalescer(ordered=False)
+        self._cacheHits = increments(metrics.tls_policy_cache_hits)
+        self._probeResults = increments(metrics.tls_policy_probes)
 
     @property
     def probing(self) -> int:
         """Probes running now."""
-        return len(self._inflight)
+        return len(self._probes)
 
     def answer(self, key: str) -> defer.Deferred[bytes] | bytes:
         """The reply to a C{tls_policy} key; never fails."""
@@ -400,7 +404,7 @@ class TLSPolicy:
 
         def cached(verdict: str | None) -> defer.Deferred[bytes] | bytes:
             if verdict is not None:
-                self._metrics.tls_policy_cache_hits.labels(verdict).inc()
+                self._cacheHits[verdict]()
                 return _reply(verdict)
             return self._awaitProbe(domain, started)
 
@@ -412,38 +416,32 @@ class TLSPolicy:
         return self._cache.get(domain).addCallbacks(cached, unavailable)
 
     def _awaitProbe(self, domain: str, started: float) -> defer.Deferred[bytes] | bytes:
-        waiters = self._inflight.get(domain)
-        first = waiters is None
-        if waiters is None:
-            if len(self._inflight) >= self._maxProbes:
-                log.debug(
-                    "{count} TLS policy probes running: {domain} is probed later",
-                    count=len(self._inflight),
-                    domain=domain,
-                )
-                return NOTFOUND
-            waiters = self._inflight[domain] = []
-        waiter: defer.Deferred[str | None] = defer.Deferred()
-        waiters.append(waiter)
+        probes = self._probes
+        if domain not in probes and len(probes) >= self._maxProbes:
+            log.debug(
+                "{count} TLS policy probes running: {domain} is probed later",
+                count=len(probes),
+                domain=domain,
+            )
+            return NOTFOUND
+        verdict = probes.ask(domain, self._probe, domain)
         left = max(0.0, self._deadline - (self._clock.seconds() - started))
-        d = answerWithin(waiter, left, self._clock, StillProbing)
-        if first:
-            # Started once its first waiter listens: a probe may end at once.
-            self._start(domain)
 
         def late(failure: Failure) -> bytes:
             failure.trap(StillProbing)
             return NOTFOUND
 
-        return d.addCallbacks(_reply, late)
+        return answerWithin(verdict, left, self._clock, StillProbing).addCallbacks(_reply, late)
 
-    def _start(self, domain: str) -> None:
+    def _probe(self, domain: str) -> defer.Deferred[str | None]:
+        """Probe C{domain}: its verdict, kept in the cache, or C{None} when there is none."""
         started = self._clock.seconds()
 
-        def probed(result: ProbeResult) -> None:
+        def probed(result: ProbeResult) -> str | None:
             self._metrics.tls_policy_probe_duration.observe(self._clock.seconds() - started)
-            outcome = {ENCRYPT: "tls", NOTLS: "notls"}.get(result.verdict or "", "error")
-            self._metrics.tls_policy_probes.labels(outcome).inc()
+            self._probeResults[
+                {ENCRYPT: "tls", NOTLS: "notls"}.get(result.verdict or "", "error")
+            ]()
             if result.verdict is not None:
                 self._cache.set(domain, result.verdict)
             else:
@@ -452,15 +450,13 @@ class TLSPolicy:
                     domain=domain,
                     error=result.error,
                 )
-            for waiter in self._inflight.pop(domain):
-                waiter.callback(result.verdict)
+            return result.verdict
 
         def crashed(failure: Failure) -> None:
             log.failure("TLS policy probe of {domain} crashed", failure, domain=domain)
-            for waiter in self._inflight.pop(domain, []):
-                waiter.callback(None)
 
-        defer.maybeDeferred(self._prober.probe, domain).addCallback(probed).addErrback(crashed)
+        d = defer.maybeDeferred(self._prober.probe, domain)
+        return d.addCallback(probed).addErrback(crashed)
 
 
 def _reply(verdict: str | None) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -27,10 +28,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from userli_postfix import __version__
-from userli_postfix.breaker import CircuitBreaker, unanswered
+from userli_postfix.breaker import Attempt, CircuitBreaker, unanswered
 from userli_postfix.config import API_TIMEOUT
 from userli_postfix.deadlines import answerWithin
-from userli_postfix.metrics import Metrics
+from userli_postfix.metrics import Metrics, increments, observations
 
 log = Logger()
 
@@ -89,12 +90,18 @@ class AuthResult:
 
 
 class _BodyReader(Protocol):
-    """Collects a response body up to L{MAX_BODY}; aborts beyond it."""
+    """
+    Collects a response body up to L{MAX_BODY}; aborts beyond it.
+    C{finished} fires with the body; cancelling it aborts the connection.
+    """
 
-    def __init__(self, finished: defer.Deferred[bytes]) -> None:
-        self.finished = finished
+    def __init__(self) -> None:
+        self.finished: defer.Deferred[bytes] = defer.Deferred(self._cancel)
         self.parts: list[bytes] = []
         self.size = 0
+
+    def _cancel(self, finished: defer.Deferred[bytes]) -> None:
+        self.abort()
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished.called:
@@ -127,18 +134,6 @@ class _BodyReader(Protocol):
             self.finished.errback(UserliError(f"response body lost: {reason.value}"))
 
 
-def _readBody(response: IResponse) -> defer.Deferred[bytes]:
-    reader: _BodyReader
-
-    def cancel(d: defer.Deferred[bytes]) -> None:
-        reader.abort()
-
-    finished: defer.Deferred[bytes] = defer.Deferred(cancel)
-    reader = _BodyReader(finished)
-    response.deliverBody(reader)
-    return finished
-
-
 def _address_list(value: Any) -> list[str]:
     """A JSON list of address strings that a socketmap reply can carry."""
     if not isinstance(value, list):
@@ -169,6 +164,95 @@ def _quota(value: Any) -> Quota:
     return Quota(per_hour=limits[0], per_day=limits[1])
 
 
+def _ok_only(parse: Callable[[Any], T]) -> Callable[[int, Any], T]:
+    """The answer of an endpoint whose only answer is a 200 with what C{parse} reads."""
+
+    def ok_only(code: int, value: Any) -> T:
+        if code != 200:
+            raise UserliError(f"HTTP {code}")
+        return parse(value)
+
+    return ok_only
+
+
+_ADDRESSES = _ok_only(_address_list)
+_BOOLEAN = _ok_only(_boolean)
+
+
+def _quota_answer(code: int, value: Any) -> Quota | None:
+    """A quota; C{None} for the 404 of an address Userli does not know."""
+    if code == 404 and isinstance(value, dict) and "error" in value:
+        return None
+    if code != 200:
+        raise UserliError(f"HTTP {code}")
+    return _quota(value)
+
+
+def _auth_answer(code: int, value: Any) -> AuthResult:
+    """A login's verdict: a 200 with the success message, or a documented refusal."""
+    message = value.get("message") if isinstance(value, dict) else None
+    if code == 200:
+        if message == "success":
+            return AuthResult(ok=True)
+        raise UserliError("HTTP 200 without the success message")
+    if code in (401, 403) and isinstance(message, str):
+        return AuthResult(ok=False, message=message)
+    raise UserliError(f"HTTP {code}")
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """
+    One API call on its way, as its steps share it: C{status} is the HTTP
+    status once the headers are in (the metric label), C{"error"} until
+    then and when none came.
+    """
+
+    endpoint: str
+    attempt: Attempt
+    deadline: float
+    started: float
+    status: str = "error"
+
+
+def _checked(
+    response: IResponse, exchange: _Exchange, parse: Callable[[int, Any], T]
+) -> defer.Deferred[T]:
+    """The status noted, then the body read (bounded) and handed to L{_decoded}."""
+    code = response.code
+    exchange.status = str(code)
+    reader = _BodyReader()
+    response.deliverBody(reader)
+    return reader.finished.addCallback(_decoded, code, parse)
+
+
+def _decoded(data: bytes, code: int, parse: Callable[[int, Any], T]) -> T:
+    """The body as JSON, then as the endpoint's answer for this status (C{parse})."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise UserliError(f"HTTP {code} with a body that is not JSON") from None
+    return parse(code, value)
+
+
+def _timedOut(result: object, timeout: float) -> Failure:
+    return Failure(NoAnswer(f"no answer within {timeout:g} s"))
+
+
+def _noAnswer(failure: Failure) -> bool:
+    """Whether the API did not answer (what the breaker counts), rather than answered badly."""
+    return unanswered(failure) or failure.check(NoAnswer) is not None
+
+
+def _asUserliError(failure: Failure, deadline: float) -> Failure:
+    """C{failure} as the one exception type callers handle."""
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        return Failure(UserliError(f"no answer within {deadline:g} s"))
+    if not failure.check(UserliError):
+        return Failure(UserliError(f"{type(failure.value).__name__}: {failure.value}"))
+    return failure
+
+
 class UserliClient:
     """
     One method per endpoint of ``/api/postfix``.
@@ -194,7 +278,8 @@ class UserliClient:
         self._timeout = timeout
         self.breaker = CircuitBreaker(clock, self._breakerChanged)
         metrics.circuit_breaker_open.set(0)
-        self._series: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
+        self._requests = increments(metrics.http_client_requests)
+        self._durations = observations(metrics.http_client_duration)
         self._tokenRefused: str | None = None
         common = {
             b"Authorization": [b"Bearer " + token.encode("utf-8")],
@@ -229,136 +314,103 @@ class UserliClient:
         self._tokenRefused = code
         log.error(TOKEN_REFUSALS[code], status=code)
 
-    def _url(self, endpoint: str, key: str | None = None) -> str:
-        if key is None:
-            return self._prefix + endpoint
-        # One path segment: '/', '?', '#', '%' and everything else that is
-        # not unreserved is percent-encoded, so no key reaches another route.
-        return self._prefix + endpoint + "/" + quote(key, safe="@")
-
     def _call(
         self,
         endpoint: str,
-        method: str,
-        url: str,
         parse: Callable[[int, Any], T],
+        key: str | None = None,
         body: bytes | None = None,
         timeout: float | None = None,
     ) -> defer.Deferred[T]:
+        """
+        One request to the API, in the steps every call takes: the URL is
+        made (a C{GET} names its C{key}, a C{POST} sends a C{body}), the
+        breaker admits the call (or it fails at once), the request goes
+        out, its status and body are checked, all within the deadline; then
+        the call is measured, the breaker told how it went, and any failure
+        made a L{UserliError}.
+        """
+        # The URL.
+        if key is None:
+            url = self._prefix + endpoint
+        else:
+            # Percent-encoding cannot protect these: servers and proxies
+            # resolve dot segments (encoded or not), and an empty segment
+            # names the parent route.  No valid key looks like this anyway.
+            if key in ("", ".", ".."):
+                return defer.fail(UserliError(f"{endpoint}: refusing key {key!r}"))
+            # One path segment: '/', '?', '#', '%' and everything else that
+            # is not unreserved is percent-encoded, so no key reaches
+            # another route.
+            url = self._prefix + endpoint + "/" + quote(key, safe="@")
+        # The breaker: while the API is not answering, it is not asked.
         attempt = self.breaker.admit()
         if attempt is None:
             return defer.fail(CircuitOpen("the API is not answering: not asked"))
-        started = self._clock.seconds()
-        deadline = self._timeout if timeout is None else timeout
-        status_label = ["error"]
-
-        def decode(data: bytes, code: int) -> T:
-            try:
-                value = json.loads(data)
-            except ValueError:
-                raise UserliError(f"HTTP {code} with a body that is not JSON") from None
-            return parse(code, value)
-
-        def gotResponse(response: IResponse) -> defer.Deferred[T]:
-            status_label[0] = str(response.code)
-            return _readBody(response).addCallback(decode, response.code)
-
-        def observe(result: T | Failure) -> T | Failure:
-            code = status_label[0]
-            elapsed = self._clock.seconds() - started
-            series = self._series.get((endpoint, code))
-            if series is None:
-                # Looking up a labelled child costs more than using it: keep them.
-                series = self._series[endpoint, code] = (
-                    self._metrics.http_client_requests.labels(endpoint, code).inc,
-                    self._metrics.http_client_duration.labels(endpoint, code).observe,
-                )
-            series[0]()
-            series[1](elapsed)
-            noAnswer = isinstance(result, Failure) and (
-                unanswered(result) or result.check(NoAnswer) is not None
-            )
-            self.breaker.record(attempt, not noAnswer)
-            self._noteTokenRefusal(code, isinstance(result, Failure))
-            if isinstance(result, Failure):
-                if result.check(defer.TimeoutError, defer.CancelledError):
-                    return Failure(UserliError(f"no answer within {deadline:g} s"))
-                if not result.check(UserliError):
-                    return Failure(UserliError(f"{type(result.value).__name__}: {result.value}"))
-            return result
-
-        headers = self._postHeaders if body is not None else self._getHeaders
-        # Unbuffered: the body goes straight to _BodyReader, which can stop
-        # it at MAX_BODY and abort the connection on the deadline.
+        exchange = _Exchange(
+            endpoint, attempt, self._timeout if timeout is None else timeout, self._clock.seconds()
+        )
+        # The request, unbuffered: the body goes straight to _BodyReader,
+        # which can stop it at MAX_BODY and abort the connection on the
+        # deadline.
+        method, headers = ("GET", self._getHeaders) if body is None else ("POST", self._postHeaders)
         d: defer.Deferred[Any] = self._request(
             method, url, headers=headers, data=body, allow_redirects=False, unbuffered=True
         )
-        d.addCallback(gotResponse)
-        # Whatever cancelling made of the request (a cancelled connection
-        # attempt fails with its own error), a timeout reads as one.
-        d.addTimeout(deadline, self._clock, onTimeoutCancel=self._timedOut)
-        d.addBoth(observe)
-        if attempt.timeout < deadline:
+        # The status and the body: JSON, then what the endpoint accepts.
+        d.addCallback(_checked, exchange, parse)
+        # The deadline, over the headers and the body.  Whatever cancelling
+        # made of the request (a cancelled connection attempt fails with
+        # its own error), a timeout reads as one.
+        d.addTimeout(exchange.deadline, self._clock, onTimeoutCancel=_timedOut)
+        # The metrics, the breaker's count, one error type.
+        d.addBoth(self._settled, exchange)
+        if attempt.timeout < exchange.deadline:
             # The breaker's probe: its caller is answered soon, while the
             # request runs on, so that a slow answer still closes it.
-            def probeUnanswered() -> NoAnswer:
-                self.breaker.probeUnanswered(attempt)
-                return NoAnswer(f"no answer within {attempt.timeout:g} s")
-
-            return answerWithin(d, attempt.timeout, self._clock, probeUnanswered)
+            return answerWithin(
+                d, attempt.timeout, self._clock, partial(self._probeUnanswered, attempt)
+            )
         return d
 
-    @staticmethod
-    def _timedOut(result: object, timeout: float) -> Failure:
-        return Failure(NoAnswer(f"no answer within {timeout:g} s"))
+    def _settled(self, result: T | Failure, exchange: _Exchange) -> T | Failure:
+        """Count the call, tell the breaker, and make any failure a L{UserliError}."""
+        endpoint, status = exchange.endpoint, exchange.status
+        self._requests[endpoint, status]()
+        self._durations[endpoint, status](self._clock.seconds() - exchange.started)
+        if not isinstance(result, Failure):
+            self.breaker.record(exchange.attempt, True)
+            if self._tokenRefused is not None:
+                self._noteTokenRefusal(status, False)
+            return result
+        self.breaker.record(exchange.attempt, not _noAnswer(result))
+        self._noteTokenRefusal(status, True)
+        return _asUserliError(result, exchange.deadline)
 
-    def _get(
-        self, endpoint: str, key: str, parse: Callable[[int, Any], T], timeout: float | None = None
-    ) -> defer.Deferred[T]:
-        # Percent-encoding cannot protect these: servers and proxies resolve
-        # dot segments (encoded or not), and an empty segment names the
-        # parent route.  No valid key looks like this anyway.
-        if key in ("", ".", ".."):
-            return defer.fail(UserliError(f"{endpoint}: refusing key {key!r}"))
-        return self._call(endpoint, "GET", self._url(endpoint, key), parse, timeout=timeout)
-
-    def _getOk(
-        self, endpoint: str, key: str, parse: Callable[[Any], T], timeout: float | None = None
-    ) -> defer.Deferred[T]:
-        def ok_only(code: int, value: Any) -> T:
-            if code != 200:
-                raise UserliError(f"HTTP {code}")
-            return parse(value)
-
-        return self._get(endpoint, key, ok_only, timeout=timeout)
+    def _probeUnanswered(self, attempt: Attempt) -> NoAnswer:
+        """What the caller of an unanswered probe gets, once the breaker knows."""
+        self.breaker.probeUnanswered(attempt)
+        return NoAnswer(f"no answer within {attempt.timeout:g} s")
 
     def alias(self, address: str) -> defer.Deferred[list[str]]:
         """Destinations of the alias C{address}; C{[]} when it is none."""
-        return self._getOk("alias", address, _address_list)
+        return self._call("alias", _ADDRESSES, key=address)
 
     def senders(self, address: str) -> defer.Deferred[list[str]]:
         """Logins allowed to send as C{address}; C{[]} when none."""
-        return self._getOk("senders", address, _address_list)
+        return self._call("senders", _ADDRESSES, key=address)
 
     def domain(self, name: str, timeout: float | None = None) -> defer.Deferred[bool]:
         """Whether C{name} is a Userli domain."""
-        return self._getOk("domain", name, _boolean, timeout=timeout)
+        return self._call("domain", _BOOLEAN, key=name, timeout=timeout)
 
     def mailbox(self, address: str) -> defer.Deferred[bool]:
         """Whether C{address} is a mailbox."""
-        return self._getOk("mailbox", address, _boolean)
+        return self._call("mailbox", _BOOLEAN, key=address)
 
     def smtp_quota(self, address: str) -> defer.Deferred[Quota | None]:
         """The sending quota of C{address}; C{None} when Userli does not know it (404)."""
-
-        def parse(code: int, value: Any) -> Quota | None:
-            if code == 404 and isinstance(value, dict) and "error" in value:
-                return None
-            if code != 200:
-                raise UserliError(f"HTTP {code}")
-            return _quota(value)
-
-        return self._get("smtp_quota", address, parse)
+        return self._call("smtp_quota", _quota_answer, key=address)
 
     def auth(self, email: str, password: str) -> defer.Deferred[AuthResult]:
         """
@@ -367,16 +419,5 @@ class UserliClient:
         C{message}) is C{AuthResult(ok=False, message=...)}; anything else,
         a bad API token included, raises L{UserliError} (fail closed).
         """
-
-        def parse(code: int, value: Any) -> AuthResult:
-            message = value.get("message") if isinstance(value, dict) else None
-            if code == 200:
-                if message == "success":
-                    return AuthResult(ok=True)
-                raise UserliError("HTTP 200 without the success message")
-            if code in (401, 403) and isinstance(message, str):
-                return AuthResult(ok=False, message=message)
-            raise UserliError(f"HTTP {code}")
-
         body = json.dumps({"email": email, "password": password}).encode("utf-8")
-        return self._call("auth", "POST", self._url("auth"), parse, body=body)
+        return self._call("auth", _auth_answer, body=body)
