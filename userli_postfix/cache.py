@@ -215,33 +215,35 @@ class RedisCache:
 
     def setMany(
         self, items: list[tuple[str, str, bytes]], ttl: float | None = None
-    ) -> defer.Deferred[None]:
+    ) -> defer.Deferred[bool]:
         """
         Store several answers in one command (a script of C{SET}s with the
         same expiry as L{set}); a single answer is a plain C{SET}.  Never
-        fails; fires once Redis answered (or did not, within the deadline).
+        fails; fires with whether Redis stored them, once it answered (or
+        did not, within the deadline), so that whoever kept a copy of them
+        in front of Redis can drop a copy of what Redis never got.
         """
-        if len(items) == 1:
-            return self.set(*items[0], ttl=ttl)
         lifetime = self._ttl if ttl is None else ttl
         if lifetime <= 0:
-            return defer.succeed(None)
-        args = [cache_key(mapname, key) for mapname, key, _ in items]
-        args += [reply.decode("utf-8") for _, _, reply in items]
-        d = self._redis.execute("EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry(lifetime))
-        return d.addCallbacks(lambda _: None, lambda failure: None)
+            return defer.succeed(False)
+        if len(items) == 1:
+            [(mapname, key, reply)] = items
+            d = self._redis.execute(
+                "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry(lifetime)
+            )
+        else:
+            args = [cache_key(mapname, key) for mapname, key, _ in items]
+            args += [reply.decode("utf-8") for _, _, reply in items]
+            d = self._redis.execute(
+                "EVAL", SET_MANY_SCRIPT, len(items), *args, *self._expiry(lifetime)
+            )
+        # A failed write only means the next lookup asks the API again.
+        return d.addCallbacks(lambda _: True, lambda failure: False)
 
     def set(
         self, mapname: str, key: str, reply: bytes, ttl: float | None = None
     ) -> defer.Deferred[None]:
-        lifetime = self._ttl if ttl is None else ttl
-        if lifetime <= 0:
-            return defer.succeed(None)
-        d = self._redis.execute(
-            "SET", cache_key(mapname, key), reply.decode("utf-8"), *self._expiry(lifetime)
-        )
-        # A failed write only means the next lookup asks the API again.
-        return d.addCallbacks(lambda _: None, lambda failure: None)
+        return self.setMany([(mapname, key, reply)], ttl).addCallback(lambda _: None)
 
 
 class NearCache:
@@ -402,7 +404,8 @@ class NearCache:
     ) -> defer.Deferred[None]:
         if self._coherent:
             # What Redis will hold a moment later; a change by anyone
-            # after that is reported and drops it.
+            # after that is reported and drops it, and so does a write
+            # that fails (_flush).
             self._near.set(mapname, key, reply, self._backend.ttl if ttl is None else ttl)
         self._writes[mapname, key] = (reply, ttl)
         written: defer.Deferred[None] = defer.Deferred()
@@ -427,7 +430,14 @@ class NearCache:
             for (m, k), (reply, ttl) in writes.items():
                 batches.setdefault(ttl, []).append((m, k, reply))
 
-            def landed(_: object) -> None:
+            def landed(stored: list[bool]) -> None:
+                # A copy kept by set() of an answer Redis never got would be
+                # served in its stead, and no change to it would ever be
+                # reported: drop it, the next lookup reads Redis.
+                for ok, items in zip(stored, batches.values(), strict=True):
+                    if not ok:
+                        for mapname, key, _ in items:
+                            self._near.discard(mapname, key)
                 for waiter in written:
                     waiter.callback(None)
 
