@@ -112,7 +112,15 @@ def start_daemon(tmp_path: Path, fake_userli: FakeUserliServer) -> Iterator[Star
             # The daemon connects to Redis in the background; until then the
             # policy server fails open and lookups miss the cache, which is
             # right for the daemon but not what a test asking at once means.
-            wait_for_redis(redis, daemon, after=before)
+            try:
+                wait_for_redis(redis, daemon, after=before)
+            except OSError as error:
+                # Say what the daemon was doing when its /metrics failed.
+                state = "runs" if daemon.running else f"exited with status {daemon.wait()}"
+                raise AssertionError(
+                    f"{error!r} while waiting for the daemon to use Redis; the daemon "
+                    f"{state}; its log:\n{daemon.output()[-4000:]}"
+                ) from error
         return daemon
 
     try:

@@ -86,11 +86,28 @@ def wait_for(condition: Callable[[], bool], what: str, deadline: float = STARTUP
         time.sleep(0.02)
 
 
+# Every port L{free_port} handed out in this test run.
+_given_ports: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now, and one not
+    handed out before in this test run.
+
+    The port is free only until something binds it: the kernel may well
+    give the same free port to the next request for one, so without the
+    second condition one daemon's listeners could be given one port (one
+    of them then cannot listen), or one daemon a port another was given.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _given_ports:
+            _given_ports.add(port)
+            return port
+    raise RuntimeError("no TCP port left that was not handed out before")
 
 
 def accepts(address: str | tuple[str, int]) -> bool:

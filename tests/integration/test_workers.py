@@ -379,11 +379,22 @@ class TestWorkers:
         terminated = time.monotonic()
         daemon.signal(signal.SIGTERM)
         # Within the shutdown grace, which is what each process may take.
-        wait_for(
-            lambda: not any(alive(pid) for pid in pids),
-            "every worker to exit",
-            deadline=SHUTDOWN_GRACE,
-        )
+        try:
+            wait_for(
+                lambda: not any(alive(pid) for pid in pids),
+                "every worker to exit",
+                deadline=SHUTDOWN_GRACE,
+            )
+        except TimeoutError as error:
+            # Which process outstayed the grace, when the tree was gone, and
+            # what the daemon logged (a worker killed, a request that hung).
+            left = [pid for pid in pids if alive(pid)]
+            wait_for(lambda: not any(alive(pid) for pid in pids), "every worker to exit at all")
+            raise AssertionError(
+                f"{error}: still running after the grace: {left} (the first process is "
+                f"{daemon.pid}); all gone {time.monotonic() - terminated:.1f} s after "
+                f"SIGTERM; the daemon's log:\n{daemon.output()[-6000:]}"
+            ) from error
         status = daemon.wait()
         load.join()
 
