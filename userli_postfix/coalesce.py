@@ -86,10 +86,4 @@ class Coalescer(Generic[K, V]):
         failure included, which is no one's unhandled error: every asker
         had it.
         """
-        waiters = self._waiting.pop(key)
-        if isinstance(result, Failure):
-            for waiter in waiters:
-                waiter.errback(result)
-        else:
-            for waiter in waiters:
-                waiter.callback(result)
+        self._answered(result, key)

@@ -50,6 +50,11 @@ def when(unix: float | None) -> str:
     return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def remaining(ttl: float | None) -> str:
+    """How long an entry stays, as the reports say it."""
+    return "no expiry" if ttl is None else f"for {duration(ttl)} more"
+
+
 def duration(seconds: float) -> str:
     """Seconds as C{1h02m03s}, C{4m05s} or C{6s}."""
     whole = max(0, round(seconds))
@@ -115,8 +120,7 @@ def _lookup(data: dict[str, Any]) -> list[str]:
         if remote["reply"] is None:
             lines.append(f"  remote-domain memory: nothing under {remote['key']}")
         else:
-            ttl = remote["ttl"]
-            left = "no expiry" if ttl is None else f"for {duration(ttl)} more"
+            left = remaining(remote["ttl"])
             lines.append(
                 f"  remote-domain memory: {remote['domain']} is not a Userli domain, "
                 f"under {remote['key']}, {left}"
@@ -127,8 +131,7 @@ def _lookup(data: dict[str, Any]) -> list[str]:
     elif cached["reply"] is None:
         lines.append(f"  cache: nothing under {cached['key']}")
     else:
-        ttl = cached["ttl"]
-        left = "no expiry" if ttl is None else f"for {duration(ttl)} more"
+        left = remaining(cached["ttl"])
         lines.append(f"  cache: {cached['reply']!r} under {cached['key']}, {left}")
     lines.append(f"  Userli now: {data['userli']}")
     source = data.get("source")
@@ -204,8 +207,7 @@ def _tls_policy(data: dict[str, Any]) -> list[str]:
     elif cached["verdict"] is None:
         lines.append(f"  cache: nothing under {cached['key']} (the next lookup probes)")
     else:
-        ttl = cached["ttl"]
-        left = "no expiry" if ttl is None else f"for {duration(ttl)} more"
+        left = remaining(cached["ttl"])
         lines.append(f"  cache: {cached['verdict']} under {cached['key']}, {left}")
     lines.append(f"  Postfix gets: {data['reply']}")
     probe = data["probe"]
